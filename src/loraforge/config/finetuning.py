@@ -1,0 +1,40 @@
+"""Finetuning group: what is trained (LoRA, freeze, full) and how adapters are built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from ._field import arg
+
+
+@dataclass
+class FinetuningArguments:
+    stage: str = arg("sft", "Training stage: sft (supervised fine-tuning) or pt (plain-text continued pre-training).",
+                     ("sft", "pt", "rm", "ppo", "dpo", "kto"))
+    finetuning_type: str = arg("lora", "What is trained.", ("lora", "freeze", "full"))
+    pure_bf16: bool = arg(False, "Keep the whole model in bf16 (no fp32 master weights).")
+    plot_loss: bool = arg(False, "Write training_loss.png (raw and smoothed loss, eval loss).")
+    compute_accuracy: bool = arg(False, "Report token accuracy during evaluation.")
+    disable_shuffling: bool = arg(False, "Do not shuffle the training data.")
+    include_effective_tokens_per_second: bool = arg(False, "Report effective (non-pad) tokens/s in results.")
+    # lora
+    lora_rank: int = arg(8, "LoRA rank r.")
+    lora_alpha: Optional[int] = arg(None, "LoRA alpha (default: 2 x lora_rank).")
+    lora_dropout: float = arg(0.0, "Dropout on the LoRA path.")
+    lora_target: str = arg("all", "Modules that get LoRA: `all` (every linear layer but lm_head) or a comma list.")
+    additional_target: Optional[str] = arg(None, "Extra modules trained fully and saved with the adapter.")
+    loraplus_lr_ratio: Optional[float] = arg(None, "LoRA+: learning rate of B is this times that of A.")
+    loraplus_lr_embedding: float = arg(1e-6, "LoRA+: learning rate of embedding adapters.")
+    use_rslora: bool = arg(False, "Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    use_dora: bool = arg(False, "Weight-decomposed LoRA (DoRA).")
+    pissa_init: bool = arg(False, "Initialise LoRA with PiSSA (principal singular vectors).")
+    pissa_iter: int = arg(16, "PiSSA fast-SVD iterations (-1 = exact SVD).")
+    pissa_convert: bool = arg(False, "Convert the PiSSA adapter to a normal LoRA adapter when saving.")
+    create_new_adapter: bool = arg(False, "Add a new adapter on top of adapter_name_or_path instead of training it.")
+    # freeze
+    freeze_trainable_layers: int = arg(2, "Freeze tuning: train the last N layers (negative: the first N).")
+    freeze_trainable_modules: str = arg("all", "Freeze tuning: module names inside those layers (comma list or all).")
+    freeze_extra_modules: Optional[str] = arg(None, "Freeze tuning: extra modules to train (e.g. embed_tokens,lm_head).")
+    # guards
+    max_nonfinite_steps: int = arg(3, "Stop after this many consecutive non-finite loss/grad-norm updates.")

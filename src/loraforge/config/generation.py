@@ -1,0 +1,25 @@
+"""Generation group: decoding settings for predict, eval, chat and the API server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from ._field import arg
+
+
+@dataclass
+class GeneratingArguments:
+    do_sample: bool = arg(False, "Sample instead of greedy decoding. Off by default so scores are reproducible.")
+    temperature: float = arg(0.95, "Sampling temperature (only with do_sample).")
+    top_p: float = arg(0.7, "Nucleus sampling mass (only with do_sample).")
+    top_k: int = arg(50, "Top-k sampling (only with do_sample).")
+    num_beams: int = arg(1, "Beam search width (1 = no beam search).")
+    max_length: int = arg(1024, "Maximum total length (prompt + answer); max_new_tokens takes precedence.")
+    max_new_tokens: int = arg(1024, "Maximum number of generated tokens.")
+    repetition_penalty: float = arg(1.0, "Penalty for repeated tokens (1.0 = none).")
+    length_penalty: float = arg(1.0, "Length penalty for beam search.")
+    skip_special_tokens: bool = arg(True, "Remove special tokens from decoded text.")
+    default_system: Optional[str] = arg(None, "System prompt used by chat/api when none is given.")
+    predict_batch_size: int = arg(32, "Batch size of loraforge predict / eval.")
+    predict_seed: int = arg(42, "Seed used by predict when sampling.")

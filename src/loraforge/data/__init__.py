@@ -1,0 +1,1 @@
+"""Datasets -> Conversation -> template rendering -> input_ids/labels (see docs/DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""loraforge.estimate (see docs/DESIGN.md)."""

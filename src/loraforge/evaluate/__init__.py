@@ -1,0 +1,1 @@
+"""loraforge.evaluate (see docs/DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""loraforge.export (see docs/DESIGN.md)."""

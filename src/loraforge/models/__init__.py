@@ -1,0 +1,1 @@
+"""loraforge.models (see docs/DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""loraforge.serve (see docs/DESIGN.md)."""

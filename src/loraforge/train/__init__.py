@@ -1,0 +1,1 @@
+"""loraforge.train (see docs/DESIGN.md)."""

