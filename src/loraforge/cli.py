@@ -49,8 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_logging() -> None:
     level = os.environ.get("LORAFORGE_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=level, format="[loraforge] %(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "bitsandbytes"):
+    for noisy in ("httpx", "urllib3", "filelock", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # bitsandbytes warns on CPUs with AVX512-BF16 that an optional hub kernel is missing; the built-in one is used.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if rest and not getattr(args, "accepts_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    args.overrides = rest if getattr(args, "accepts_overrides", False) else []
+    # `key=value` / `--key value` overrides: declared as a REMAINDER positional, or left over by argparse
+    args.overrides = list(getattr(args, "overrides", None) or []) + (rest if getattr(args, "accepts_overrides", False) else [])
     try:
         return int(args.func(args) or 0)
     except LoraforgeError as err:

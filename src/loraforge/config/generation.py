@@ -23,3 +23,11 @@ class GeneratingArguments:
     default_system: Optional[str] = arg(None, "System prompt used by chat/api when none is given.")
     predict_batch_size: int = arg(32, "Batch size of loraforge predict / eval.")
     predict_seed: int = arg(42, "Seed used by predict when sampling.")
+    predict_overwrite: bool = arg(
+        False, "Start predict over instead of resuming after the rows already in generated_predictions.jsonl.")
+    compare: Optional[str] = arg(
+        None, "Variants for `loraforge eval --compare`: comma-separated (or a YAML list) of `base`, adapter "
+        "folders and exported/merged model folders (default: base and the configured adapter).")
+    max_context_length: Optional[int] = arg(
+        None, "Longest prompt + answer that chat/api accept (default: the model's max_position_embeddings); "
+        "longer prompts are refused with a clear error.")

@@ -1,0 +1,209 @@
+"""Trainer callbacks: the jsonl log, the progress bar, graceful interrupts, and the non-finite guard."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+from ..errors import TrainingError
+
+logger = logging.getLogger(__name__)
+
+
+def _fmt_seconds(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class ThroughputTracker:
+    """Elapsed time and tokens/s since this process started training (resume-aware)."""
+
+    def __init__(self) -> None:
+        self.start_time = time.time()
+        self.start_step = 0
+        self.start_tokens = 0
+
+    def begin(self, state) -> None:
+        self.start_time = time.time()
+        self.start_step = state.global_step
+        self.start_tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+
+    def elapsed(self) -> float:
+        return time.time() - self.start_time
+
+    def tokens_per_second(self, state) -> float:
+        tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0) - self.start_tokens
+        return tokens / max(self.elapsed(), 1e-6)
+
+    def remaining(self, state) -> float:
+        done = state.global_step - self.start_step
+        if done <= 0:
+            return float("nan")
+        return self.elapsed() / done * (state.max_steps - state.global_step)
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Append one JSON line per logging step to ``output_dir/trainer_log.jsonl`` (main process only)."""
+
+    def __init__(self, output_dir: str, tracker: ThroughputTracker, guard: "NonFiniteGuard | None" = None):
+        self.path = Path(output_dir) / "trainer_log.jsonl"
+        self.tracker = tracker
+        self.guard = guard
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if state.global_step == 0 and self.path.exists():
+                self.path.unlink()  # a fresh run starts a fresh log; a resumed run appends
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        row = {
+            "current_steps": state.global_step,
+            "total_steps": state.max_steps,
+            "loss": logs.get("loss"),
+            "eval_loss": logs.get("eval_loss"),
+            "lr": logs.get("learning_rate"),
+            "epoch": round(state.epoch, 4) if state.epoch is not None else None,
+            "grad_norm": logs.get("grad_norm"),
+            "tokens_seen": int(getattr(state, "num_input_tokens_seen", 0) or 0),
+            "tokens_per_second": round(self.tracker.tokens_per_second(state), 2),
+            "percentage": round(100 * state.global_step / max(state.max_steps, 1), 2),
+            "elapsed_time": _fmt_seconds(self.tracker.elapsed()),
+            "remaining_time": _fmt_seconds(r) if not math.isnan(r := self.tracker.remaining(state)) else None,
+        }
+        if self.guard is not None:
+            row["skipped_nonfinite"] = self.guard.total_skipped
+        if "train_runtime" in logs:  # the final summary line of HF's log history is not a step
+            return
+        row = {k: v for k, v in row.items() if v is not None}
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+class ProgressBarCallback(TrainerCallback):
+    """A tqdm bar with ETA, loss and tokens/s. Replaces HF's ProgressCallback (which shows neither)."""
+
+    def __init__(self, tracker: ThroughputTracker):
+        self.tracker = tracker
+        self.bar = None
+        self.last_loss = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.tracker.begin(state)
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", dynamic_ncols=True,
+                            unit="step")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+            post = {"tok/s": f"{self.tracker.tokens_per_second(state):.0f}"}
+            if self.last_loss is not None:
+                post["loss"] = f"{self.last_loss:.4f}"
+            self.bar.set_postfix(post, refresh=False)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.last_loss = logs["loss"]
+        if self.bar is not None and logs and "eval_loss" in logs:
+            self.bar.write(f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class InterruptCallback(TrainerCallback):
+    """Ctrl-C / SIGTERM: finish the current step, save a resumable checkpoint, then stop.
+
+    A second signal stops at once (the newest complete checkpoint is still there).
+    """
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handler(self, signum, frame):  # noqa: ARG002 - signal API
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        logger.warning("%s received: saving a checkpoint after this step (press Ctrl-C again to stop now)",
+                       self.received)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (e.g. a notebook worker): keep default handling
+                pass
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received is not None:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Skip optimizer updates whose loss or gradient norm is not finite; stop after several in a row.
+
+    The trainer marks a micro-batch whose loss is NaN/inf (``mark_nonfinite_loss``). Before the optimizer
+    step, the gradients of trainable parameters are dropped when that happened or when they are not finite, so
+    the optimizer leaves the weights alone. With fp16 loss scaling an inf gradient is normal (the scaler skips the
+    step and lowers the scale), so only a non-finite loss counts there.
+    """
+
+    def __init__(self, max_consecutive: int, uses_grad_scaler: bool):
+        self.max_consecutive = max(1, max_consecutive)
+        self.uses_grad_scaler = uses_grad_scaler
+        self.total_skipped = 0
+        self.consecutive = 0
+        self.skipped_steps: list[int] = []
+        self._loss_bad = False
+
+    def mark_nonfinite_loss(self) -> None:
+        self._loss_bad = True
+
+    @staticmethod
+    def _grads_finite(model) -> bool:
+        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+        if not grads:
+            return True
+        norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
+        return bool(torch.isfinite(torch.stack([n.float() for n in norms]).sum()))
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        bad = self._loss_bad or (not self.uses_grad_scaler and model is not None and not self._grads_finite(model))
+        step = state.global_step + 1
+        self._loss_bad = False
+        if not bad:
+            self.consecutive = 0
+            return
+        self.total_skipped += 1
+        self.consecutive += 1
+        self.skipped_steps.append(step)
+        for p in model.parameters():
+            p.grad = None  # the optimizer skips parameters without gradients
+        logger.warning("step %d: non-finite loss or gradient norm, update skipped (%d skipped so far)",
+                       step, self.total_skipped)
+        if self.consecutive >= self.max_consecutive:
+            raise TrainingError(
+                f"the loss or gradient norm was non-finite at {self.consecutive} consecutive steps "
+                f"(steps {', '.join(map(str, self.skipped_steps[-self.consecutive:]))}); training stopped",
+                hint="lower learning_rate, use bf16 instead of fp16, check the data for empty or huge samples, "
+                "or resume from the last checkpoint (resume_from_checkpoint: true)")

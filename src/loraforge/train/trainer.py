@@ -1,0 +1,89 @@
+"""The Hugging Face Trainer with the few behaviours loraforge changes, each in a small named override.
+
+- ``training_step``: tells the non-finite guard when a micro-batch loss is NaN/inf.
+- ``_save_checkpoint``: writes each checkpoint into a staging folder and renames it when complete.
+- ``create_optimizer``: LoRA+ parameter groups when ``loraplus_lr_ratio`` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import Seq2SeqTrainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .callbacks import NonFiniteGuard
+from .checkpoint import STAGING
+
+logger = logging.getLogger(__name__)
+
+
+class LoraforgeTrainer(Seq2SeqTrainer):
+    """Seq2SeqTrainer + non-finite guard + atomic checkpoints + LoRA+ optimizer groups."""
+
+    def __init__(self, *args, guard: NonFiniteGuard | None = None, loraplus: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.guard = guard
+        self.loraplus = loraplus
+        self._staging = False
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.guard is not None and not torch.isfinite(loss).all():
+            self.guard.mark_nonfinite_loss()
+        return loss
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self.loraplus:
+            from ..models.adapters import loraplus_param_groups
+
+            groups = loraplus_param_groups(
+                self.model, lr=self.args.learning_rate, ratio=self.loraplus["ratio"],
+                weight_decay=self.args.weight_decay, embedding_lr=self.loraplus["embedding_lr"])
+            optim_cls, optim_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            optim_kwargs.pop("lr", None)
+            self.optimizer = optim_cls(groups, **optim_kwargs)
+            logger.info("LoRA+: lora_B learning rate = %g x %g", self.args.learning_rate, self.loraplus["ratio"])
+            return self.optimizer
+        return super().create_optimizer(model) if model is not None else super().create_optimizer()
+
+    def _get_output_dir(self, trial):
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, STAGING) if self._staging else run_dir
+
+    def _save_checkpoint(self, model, trial):
+        """Write ``output_dir/.staging/checkpoint-N`` then rename it to ``output_dir/checkpoint-N``.
+
+        A crash while saving leaves only the staging folder, which the next run removes, so every
+        ``checkpoint-N`` folder is complete and resume always finds a usable one.
+        """
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        self.accelerator.wait_for_everyone()
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged, final = run_dir / STAGING / name, run_dir / name
+        if self.args.should_save and staged.exists():
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staged, final)
+            if self.state.best_model_checkpoint and STAGING in self.state.best_model_checkpoint:
+                self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(
+                    os.sep + STAGING, "")
+            self._rotate(run_dir)
+            shutil.rmtree(run_dir / STAGING, ignore_errors=True)
+            logger.info("checkpoint saved: %s", final)
+        self.accelerator.wait_for_everyone()
+
+    def _rotate(self, run_dir: Path) -> None:
+        from transformers.trainer_utils import rotate_checkpoints
+
+        rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)

@@ -1,0 +1,184 @@
+"""The visible training flow: config -> tokenizer/template -> data -> model -> Trainer -> outputs.
+
+Read this file top to bottom to know everything `loraforge train` does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ..config import RunConfig
+from ..errors import TrainingError
+from .callbacks import InterruptCallback, JsonlLogCallback, NonFiniteGuard, ProgressBarCallback, ThroughputTracker
+from .checkpoint import resolve_resume
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainOutcome:
+    output_dir: Path
+    metrics: dict
+    interrupted: bool = False
+    checkpoint: str | None = None
+
+
+def _print_block(title: str, lines: list[str]) -> None:
+    logger.info("%s\n%s", title, "\n".join(f"  {line}" for line in lines))
+
+
+def _print_estimate(cfg: RunConfig) -> None:
+    """Before loading weights: will this fit on the detected GPU(s)?"""
+    try:
+        from ..estimate import detect_gpus, estimate_for_config
+    except ImportError:
+        return
+    gpus = detect_gpus()
+    if not gpus:
+        return
+    try:
+        est = estimate_for_config(cfg, gpu=cfg.model.estimate_gpu)
+    except Exception as err:  # noqa: BLE001 - the estimate is advice; never block training on it
+        logger.info("memory estimate unavailable: %s", err)
+        return
+    _print_block("memory estimate (per GPU):", est.summary_lines())
+    if not est.fits:
+        logger.warning("this run will probably NOT fit in GPU memory. Cheapest changes that would fit:\n%s",
+                       "\n".join(f"  - {s}" for s in est.suggestions) or "  (none found)")
+
+
+def write_run_config(cfg: RunConfig, output_dir: Path) -> None:
+    """The resolved config, loadable by `loraforge train`, so every output folder says how it was made."""
+    data = cfg.to_dict()
+    tmp = output_dir / "run_config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    tmp.replace(output_dir / "run_config.yaml")
+
+
+def write_model_card(cfg: RunConfig, output_dir: Path, metrics: dict, summary_lines: list[str]) -> None:
+    f, m, d = cfg.finetuning, cfg.model, cfg.data
+    lines = [
+        f"# {output_dir.name}", "",
+        f"Fine-tuned from `{m.model_name_or_path}` with [loraforge](https://github.com/loraforge/loraforge) "
+        f"({f.finetuning_type}{', QLoRA ' + str(m.quantization_bit) + '-bit' if m.quantization_bit else ''}).", "",
+        "## Training", "",
+        f"- datasets: `{d.dataset}`; template: `{d.template or d.prompt_template and 'plain-text prompt' or 'auto'}`; "
+        f"cutoff_len {d.cutoff_len}",
+        *[f"- {line}" for line in summary_lines],
+        "", "## Results", "", "```json", json.dumps(metrics, indent=2), "```", "",
+        "## Use", "", "```bash",
+        f"loraforge chat run_config.yaml adapter_name_or_path={output_dir}" if f.finetuning_type == "lora"
+        else f"loraforge chat run_config.yaml model_name_or_path={output_dir}",
+        "```", "",
+    ]
+    (output_dir / "README.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def run_train(cfg: RunConfig, *, extra_callbacks: list | None = None) -> TrainOutcome:
+    """Train as ``cfg`` says and write every output into ``cfg.training.output_dir``."""
+    from transformers import set_seed
+    from transformers.trainer_callback import ProgressCallback
+
+    from ..data.loader import build_collator, build_datasets
+    from ..data.templates import resolve_template
+    from ..models.loader import load_model, load_tokenizer, summarize_model
+    from .plotting import plot_loss
+    from .trainer import LoraforgeTrainer
+
+    args = cfg.training
+    output_dir = Path(args.output_dir)
+    resume = resolve_resume(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(args.seed)
+    _print_estimate(cfg)
+
+    # 1. tokenizer and template: the saved tokenizer renders exactly what training used
+    tokenizer = load_tokenizer(cfg.model)
+    template = resolve_template(cfg.data, tokenizer)
+    template.apply_to_tokenizer(tokenizer)
+
+    # 2. data: every dropped row is counted and reported; too many bad rows already raised a DataError
+    with args.main_process_first(desc="dataset preprocessing"):
+        bundle = build_datasets(cfg, tokenizer, template, purpose="train")
+    _print_block("data:", bundle.report.summary_lines())
+
+    # 3. model: quantization, adapters, gradient checkpointing
+    model = load_model(cfg, tokenizer, is_trainable=True)
+    summary = summarize_model(model)
+    world = max(args.world_size, 1)
+    effective = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+    summary_lines = summary.lines() + [
+        f"effective batch size: {args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} "
+        f"accumulation x {world} process(es) = {effective}",
+        f"precision: {'bf16' if args.bf16 else 'fp16' if args.fp16 else 'fp32'}; "
+        f"gradient checkpointing: {'off' if cfg.model.disable_gradient_checkpointing else 'on'}",
+    ]
+    _print_block("model:", summary_lines)
+
+    # 4. trainer
+    tracker = ThroughputTracker()
+    guard = NonFiniteGuard(cfg.finetuning.max_nonfinite_steps, uses_grad_scaler=bool(args.fp16))
+    interrupt = InterruptCallback()
+    callbacks = [ProgressBarCallback(tracker), JsonlLogCallback(str(output_dir), tracker, guard), guard, interrupt]
+    loraplus = None
+    if cfg.finetuning.loraplus_lr_ratio:
+        loraplus = {"ratio": cfg.finetuning.loraplus_lr_ratio, "embedding_lr": cfg.finetuning.loraplus_lr_embedding}
+    trainer = LoraforgeTrainer(
+        model=model, args=args, train_dataset=bundle.train, eval_dataset=bundle.eval,
+        data_collator=build_collator(cfg, tokenizer), processing_class=tokenizer,
+        callbacks=callbacks + list(extra_callbacks or []), guard=guard, loraplus=loraplus,
+    )
+    trainer.remove_callback(ProgressCallback)
+    if args.should_save:
+        write_run_config(cfg, output_dir)
+
+    # 5. train
+    result = trainer.train(resume_from_checkpoint=resume)
+    metrics = dict(result.metrics)
+    metrics["skipped_nonfinite_steps"] = guard.total_skipped
+    if interrupt.received:
+        ckpt = str(output_dir / f"checkpoint-{trainer.state.global_step}")
+        logger.warning("stopped by %s at step %d; checkpoint %s. Continue with: resume_from_checkpoint=true",
+                       interrupt.received, trainer.state.global_step, ckpt)
+        return TrainOutcome(output_dir, metrics, interrupted=True, checkpoint=ckpt)
+
+    # 6. outputs: weights/adapter + tokenizer, metrics, state, plot, card
+    trainer.save_model(str(output_dir))
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    if bundle.eval is not None and args.eval_strategy != "no" or (bundle.eval is not None and args.do_eval):
+        eval_metrics = trainer.evaluate()
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    if args.should_save:
+        if cfg.finetuning.plot_loss:
+            image = plot_loss(output_dir)
+            if image:
+                logger.info("loss plot: %s", image)
+        write_model_card(cfg, output_dir, metrics, summary_lines)
+    if args.do_predict:
+        from ..evaluate.predict import run_predict
+
+        run_predict(cfg, model=model, tokenizer=tokenizer)
+    if guard.total_skipped:
+        logger.warning("%d update(s) skipped because of non-finite loss/gradients (steps %s)",
+                       guard.total_skipped, ", ".join(map(str, guard.skipped_steps)))
+    logger.info("done: %s", os.path.abspath(output_dir))
+    return TrainOutcome(output_dir, metrics)
+
+
+def check_finished(outcome: TrainOutcome) -> int:
+    """Exit code for the CLI: 0 when finished, 130 when interrupted (checkpoint saved)."""
+    if outcome.interrupted:
+        return 130
+    if not (outcome.output_dir / "all_results.json").is_file():
+        raise TrainingError(f"training ended but {outcome.output_dir}/all_results.json was not written")
+    return 0
