@@ -32,7 +32,10 @@ def coerce(value: Any, tp: Any, *, nullable: bool) -> Any:
     """Return ``value`` converted to ``tp``; raise :class:`CoercionError` naming the expected type."""
     if isinstance(tp, str):  # postponed annotation that could not be resolved
         return value
-    if value is None or (isinstance(value, str) and value.strip().lower() in _NONE and tp is not str):
+    if isinstance(value, str) and value.strip().lower() in _NONE and not (
+            _accepts_str(tp) and value.strip().lower() in ("none", "")):
+        value = None  # `null`/`~` always; `none`/empty only where a string is not a valid value (e.g. report_to: none)
+    if value is None:
         if nullable:
             return None
         raise CoercionError(f"expected {_describe(tp)}, got null")
@@ -121,6 +124,14 @@ def coerce(value: Any, tp: Any, *, nullable: bool) -> Any:
                 return member.value
         raise CoercionError(f"expected one of {', '.join(str(m.value) for m in tp)}, got {value!r}")
     return value
+
+
+def _accepts_str(tp: Any) -> bool:
+    if tp is str:
+        return True
+    if get_origin(tp) in (Union, types.UnionType):
+        return any(_accepts_str(a) for a in get_args(tp))
+    return False
 
 
 def field_type_nullable(tp: Any, default: Any) -> bool:

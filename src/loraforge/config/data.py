@@ -44,5 +44,8 @@ class DataArguments:
         "false = no-think mode; null = keep samples as they are, no empty think block added.")
     keep_reasoning_history: bool = arg(False, "Keep reasoning of earlier assistant turns (Qwen3 drops it).")
     tokenized_path: Optional[str] = arg(None, "Save/load the tokenized dataset at this path.")
+    data_cache_dir: Optional[str] = arg(
+        None, "Folder of the tokenized-dataset cache (default: $LORAFORGE_HOME/data_cache). Entries are keyed by "
+        "the data files' content, the template, the tokenizer and every data argument.")
     data_shared_file_system: bool = arg(False, "All nodes share the cache folder (multi-node).")
     max_bad_ratio: float = arg(0.05, "Fail when more than this share of rows is malformed.")

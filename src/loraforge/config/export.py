@@ -19,6 +19,7 @@ class ExportArguments:
     export_quantization: str = arg("f16", "GGUF tensor type.",
                                    ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"))
     export_lora_gguf: bool = arg(False, "Also write the LoRA adapter alone as a GGUF adapter.")
+    export_ollama: bool = arg(True, "Write an Ollama Modelfile (FROM, TEMPLATE, SYSTEM, stops) next to the GGUF.")
     export_overwrite: bool = arg(False, "Replace an existing export folder.")
     export_hub_model_id: Optional[str] = arg(None, "Repository to upload the export to.")
     export_hub_private: bool = arg(True, "Create the uploaded repository as private.")

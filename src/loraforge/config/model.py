@@ -23,7 +23,6 @@ class ModelArguments:
     split_special_tokens: bool = arg(False, "Tokenize special tokens as plain text (split them).")
     add_tokens: Optional[str] = arg(None, "Comma-separated normal tokens to add to the tokenizer.")
     add_special_tokens: Optional[str] = arg(None, "Comma-separated special tokens to add to the tokenizer.")
-    new_special_tokens: Optional[str] = arg(None, "Alias of add_special_tokens (older LLaMA-Factory name).")
     low_cpu_mem_usage: bool = arg(True, "Load weights with low host memory use.")
     rope_scaling: Optional[str] = arg(None, "RoPE scaling to extend the context.", ("linear", "dynamic", "yarn", "llama3"))
     flash_attn: str = arg("auto", "Attention kernel: auto, sdpa, fa2 (flash-attention 2), disabled (eager).",

@@ -120,6 +120,9 @@ def check(cfg: "RunConfig", training: dict[str, Any], purpose: str) -> list[str]
         ds = training.get("deepspeed")
         if isinstance(ds, str) and ds not in DEEPSPEED_SHORT_NAMES and not Path(ds).is_file():
             p.append(f"`deepspeed: {ds}` is neither a JSON file nor a short name ({', '.join(DEEPSPEED_SHORT_NAMES)})")
+        from ..train.distributed import distributed_problems  # multi-GPU engines: refused before launch
+
+        p += distributed_problems(cfg, training)
         resume = training.get("resume_from_checkpoint")
         if isinstance(resume, str) and resume.lower() not in ("true", "last") and not Path(resume).is_dir():
             p.append(f"`resume_from_checkpoint: {resume}` is not a folder; give a checkpoint folder, or `true` "
@@ -151,6 +154,7 @@ def adjust_training_values(cfg: "RunConfig", values: dict[str, Any]) -> dict[str
     values.setdefault("output_dir", "saves/run")
     values.setdefault("report_to", "none")
     values.setdefault("logging_steps", 10)
+    values.setdefault("include_num_input_tokens_seen", "non_padding")  # tokens seen and tokens/s in the log
     if cfg.purpose == "train":
         values.setdefault("do_train", True)
     # Gradient checkpointing is applied by loraforge's model loader (so it works with QLoRA and adapters);

@@ -165,7 +165,7 @@ def _from_messages(data: dict[str, Any], attr: DatasetAttr, require_answer: bool
                              f"{', '.join(repr(r) for r in [*roles, system_tag])} (set `tags` in dataset_info.json)")
         role = roles[tag]
         if openai and role == "assistant" and item.get("tool_calls"):
-            messages.append(Message("function", _tool_calls(item["tool_calls"], f"{where}.tool_calls")))
+            messages.append(Message("function", tool_calls_to_json(item["tool_calls"], f"{where}.tool_calls")))
             continue
         content = _content(item, content_tag, where)
         reasoning = item.get("reasoning_content") or item.get("reasoning") if role == "assistant" else None
@@ -192,7 +192,7 @@ def _content(item: dict[str, Any], content_tag: str, where: str) -> str:
     return value
 
 
-def _tool_calls(calls: Any, where: str) -> str:
+def tool_calls_to_json(calls: Any, where: str) -> str:
     """OpenAI ``tool_calls`` -> LLaMA-Factory's function content: a JSON list of {name, arguments}."""
     if not isinstance(calls, list):
         raise RowProblem(where, "expected a list of tool calls")

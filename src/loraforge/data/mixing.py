@@ -51,6 +51,8 @@ def mix(parts: Sequence[Sequence[T]], strategy: str = "concat", probs: list[floa
     rng = np.random.default_rng(seed)
     step = 0
     while True:
+        if oversample and all(seen_all) and (probs or step % len(parts) == 0):
+            return out  # round robin finishes its last cycle, as `datasets` does
         i = int(rng.choice(len(parts), p=probs)) if probs else step % len(parts)
         step += 1
         out.append(parts[i][positions[i]])
@@ -60,8 +62,6 @@ def mix(parts: Sequence[Sequence[T]], strategy: str = "concat", probs: list[floa
             if not oversample:
                 return out
             positions[i] = 0
-            if all(seen_all):
-                return out
 
 
 def sample_to(items: Sequence[T], n: int, seed: int = 42) -> list[T]:

@@ -158,6 +158,13 @@ def _build_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _make_readable(folder: Path) -> None:
+    """mkdtemp creates a private (0700) folder; a shared cache should be readable like any downloaded model."""
+    folder.chmod(0o755)
+    for path in folder.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
 def _is_current(folder: Path, spec: BuiltinModel) -> bool:
     try:
         marker = json.loads((folder / MARKER).read_text())
@@ -188,6 +195,7 @@ def resolve_builtin(name: str, cache_dir: str | os.PathLike | None = None) -> Pa
         try:
             spec.build(tmp)
             (tmp / MARKER).write_text(json.dumps({"name": name, "version": spec.version}) + "\n")
+            _make_readable(tmp)
             if final.exists():  # an older recipe or a broken folder: move it aside, then swap
                 stale = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=root))
                 os.replace(final, stale / name)

@@ -40,6 +40,8 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 50
     repetition_penalty: float = 1.0
+    num_beams: int = 1
+    length_penalty: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
 
@@ -47,7 +49,8 @@ class SamplingParams:
     def from_config(cls, gen: "GeneratingArguments", **changes: Any) -> "SamplingParams":
         """The config's generation settings, with ``changes`` (None values are ignored) on top."""
         params = cls(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample, temperature=gen.temperature,
-                     top_p=gen.top_p, top_k=gen.top_k, repetition_penalty=gen.repetition_penalty)
+                     top_p=gen.top_p, top_k=gen.top_k, repetition_penalty=gen.repetition_penalty,
+                     num_beams=gen.num_beams, length_penalty=gen.length_penalty)
         for key, value in changes.items():
             if value is not None:
                 setattr(params, key, value)
@@ -57,6 +60,8 @@ class SamplingParams:
         """Keyword arguments for ``model.generate`` (sampling knobs only when sampling)."""
         kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
                                   "repetition_penalty": self.repetition_penalty}
+        if self.num_beams > 1:
+            kwargs.update(num_beams=self.num_beams, length_penalty=self.length_penalty)
         if self.do_sample:
             kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         else:  # silence "temperature is set but do_sample is False" from the model's generation_config
@@ -129,7 +134,7 @@ class ChatEngine:
         self.stop_token_ids = list(template.stop_token_ids(tokenizer))
         tags = getattr(template, "thought_words", None) or DEFAULT_THOUGHT_TAGS
         self.thought_tags: tuple[str, str] = (str(tags[0]), str(tags[1]))
-        self.supports_thinking = self.thought_tags[0] in tokenizer.get_vocab()
+        self.supports_thinking = bool(getattr(template, "supports_thinking", self.thought_tags[0] in tokenizer.get_vocab()))
         self._lock = threading.Lock()
         self._encode_lock = threading.Lock()
 
@@ -174,10 +179,10 @@ class ChatEngine:
         assert stream.completion is not None
         return stream.completion
 
-    def _prompt_opens_reasoning(self, prompt_ids: list[int]) -> bool:
-        tail = self.tokenizer.decode(prompt_ids[-8:], skip_special_tokens=False)
-        open_tag, close_tag = self.thought_tags
-        return tail.rfind(open_tag) > tail.rfind(close_tag)
+    def reasoning_splitter(self, prompt_ids: Sequence[int]) -> ReasoningSplitter:
+        """A splitter in the state the prompt leaves the model in (inside, after or before a reasoning block)."""
+        return reasoning_splitter_for(self.tokenizer, prompt_ids, self.thought_tags,
+                                      supports_thinking=self.supports_thinking)
 
     def _run(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
              handle: GenerationStream) -> Iterator[Delta]:
@@ -213,7 +218,7 @@ class ChatEngine:
             worker = threading.Thread(target=work, name="loraforge-generate", daemon=True)
             worker.start()
             stops = StopStringFilter(params.stop)
-            splitter = ReasoningSplitter(*self.thought_tags, in_reasoning=self._prompt_opens_reasoning(prompt_ids))
+            splitter = self.reasoning_splitter(prompt_ids)
             parts: dict[str, list[str]] = {"reasoning": [], "content": []}
             try:
                 for text in streamer:
@@ -237,6 +242,17 @@ class ChatEngine:
             handle.completion = Completion(content="".join(parts["content"]), reasoning=reasoning,
                                            prompt_tokens=len(prompt_ids), completion_tokens=len(generated),
                                            finish_reason=finish)
+
+
+def reasoning_splitter_for(tokenizer: Any, prompt_ids: Sequence[int], tags: tuple[str, str], *,
+                           supports_thinking: bool = True) -> ReasoningSplitter:
+    """A :class:`ReasoningSplitter` for text generated after ``prompt_ids``: inside the block when the prompt
+    opened it, answer-only when the prompt closed it (Qwen3 no-think) or the model has no thinking mode."""
+    tail = tokenizer.decode(list(prompt_ids[-8:]), skip_special_tokens=False)
+    opened, closed = tail.rfind(tags[0]), tail.rfind(tags[1])
+    if opened > closed:
+        return ReasoningSplitter(*tags, in_reasoning=True)
+    return ReasoningSplitter(*tags, detect=supports_thinking and closed < 0)
 
 
 def _pad_id(tokenizer: Any, stop_ids: list[int]) -> int | None:

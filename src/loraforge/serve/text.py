@@ -53,13 +53,18 @@ class StopStringFilter:
 class ReasoningSplitter:
     """Splits ``<think>reasoning</think>answer`` as it streams into ("reasoning", text) and ("content", text).
 
-    ``in_reasoning`` is for templates whose prompt already opens the reasoning block. Newlines right after the
-    opening tag and right after the closing tag are dropped (Qwen3 writes ``<think>\\n...\\n</think>\\n\\n``).
+    ``in_reasoning`` is for templates whose prompt already opens the reasoning block; ``detect=False`` treats
+    everything as the answer (the prompt closed the block already, or the model has no thinking mode). Newlines
+    right after the opening tag and right after the closing tag are dropped (Qwen3 writes
+    ``<think>\\n...\\n</think>\\n\\n``).
     """
 
-    def __init__(self, open_tag: str = "<think>", close_tag: str = "</think>", *, in_reasoning: bool = False):
+    MAX_LEADING_SPACE = 32  # whitespace held while waiting to see whether a reasoning block opens
+
+    def __init__(self, open_tag: str = "<think>", close_tag: str = "</think>", *, in_reasoning: bool = False,
+                 detect: bool = True):
         self.open_tag, self.close_tag = open_tag, close_tag
-        self.state = "reasoning" if in_reasoning else "start"
+        self.state = "reasoning" if in_reasoning else ("start" if detect else "content")
         self.saw_reasoning = in_reasoning
         self._skip_newlines = in_reasoning
         self._buffer = ""
@@ -80,7 +85,8 @@ class ReasoningSplitter:
                     self._buffer = head[len(self.open_tag):]
                     self.state, self.saw_reasoning, self._skip_newlines = "reasoning", True, True
                     continue
-                if self.open_tag.startswith(head):  # still possibly the opening tag (or only whitespace)
+                waiting = head or len(self._buffer) <= self.MAX_LEADING_SPACE
+                if waiting and self.open_tag.startswith(head):  # still possibly the opening tag
                     return out
                 self.state = "content"
             if self.state == "reasoning":

@@ -65,8 +65,8 @@ class JsonlLogCallback(TrainerCallback):
                 self.path.unlink()  # a fresh run starts a fresh log; a resumed run appends
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
+        if not state.is_world_process_zero or not logs or "train_loss" in logs:
+            return  # the final summary (train_loss, total_flos) is not a step; it goes to train_results.json
         row = {
             "current_steps": state.global_step,
             "total_steps": state.max_steps,
@@ -83,8 +83,6 @@ class JsonlLogCallback(TrainerCallback):
         }
         if self.guard is not None:
             row["skipped_nonfinite"] = self.guard.total_skipped
-        if "train_runtime" in logs:  # the final summary line of HF's log history is not a step
-            return
         row = {k: v for k, v in row.items() if v is not None}
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -85,7 +85,8 @@ def run_train(cfg: RunConfig, *, extra_callbacks: list | None = None) -> TrainOu
     from transformers import set_seed
     from transformers.trainer_callback import ProgressCallback
 
-    from ..data.loader import build_collator, build_datasets
+    from ..data.collator import build_collator
+    from ..data.loader import build_datasets
     from ..data.templates import resolve_template
     from ..models.loader import load_model, load_tokenizer, summarize_model
     from .plotting import plot_loss
@@ -106,7 +107,7 @@ def run_train(cfg: RunConfig, *, extra_callbacks: list | None = None) -> TrainOu
     # 2. data: every dropped row is counted and reported; too many bad rows already raised a DataError
     with args.main_process_first(desc="dataset preprocessing"):
         bundle = build_datasets(cfg, tokenizer, template, purpose="train")
-    _print_block("data:", bundle.report.summary_lines())
+    _print_block("data:", bundle.report.lines(cutoff_len=cfg.data.cutoff_len))
 
     # 3. model: quantization, adapters, gradient checkpointing
     model = load_model(cfg, tokenizer, is_trainable=True)
@@ -177,8 +178,10 @@ def run_train(cfg: RunConfig, *, extra_callbacks: list | None = None) -> TrainOu
 
 def check_finished(outcome: TrainOutcome) -> int:
     """Exit code for the CLI: 0 when finished, 130 when interrupted (checkpoint saved)."""
+    from .distributed import rank_info
+
     if outcome.interrupted:
         return 130
-    if not (outcome.output_dir / "all_results.json").is_file():
+    if rank_info().is_main and not (outcome.output_dir / "all_results.json").is_file():  # rank 0 writes it
         raise TrainingError(f"training ended but {outcome.output_dir}/all_results.json was not written")
     return 0

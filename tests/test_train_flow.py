@@ -1,0 +1,168 @@
+"""The train command end to end on tiny-random-qwen3: outputs, methods, resume, NaN guard."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from loraforge.cli import main
+from loraforge.config import load_config
+from loraforge.errors import TrainingError
+from loraforge.train.workflow import run_train
+
+ROWS = [
+    {"instruction": f"Convert {n} kilometers to meters.", "input": "", "output": f"{n} km = {n * 1000} m.\n#### {n * 1000}"}
+    for n in range(2, 26)
+]
+
+
+@pytest.fixture()
+def data_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "train.json").write_text(json.dumps(ROWS, ensure_ascii=False), encoding="utf-8")
+    (d / "one.json").write_text(json.dumps(ROWS[:1] * 8, ensure_ascii=False), encoding="utf-8")
+    (d / "dataset_info.json").write_text(json.dumps({
+        "demo": {"file_name": "train.json"},
+        "repeated": {"file_name": "one.json"},
+    }), encoding="utf-8")
+    return d
+
+
+def _cfg(data_dir: Path, out: Path, **over) -> dict:
+    base = {
+        "model_name_or_path": "tiny-random-qwen3", "dataset": "demo", "dataset_dir": str(data_dir),
+        "template": "qwen3", "cutoff_len": 64, "output_dir": str(out), "per_device_train_batch_size": 4,
+        "learning_rate": 5e-3, "max_steps": 6, "logging_steps": 1, "save_steps": 3, "lora_rank": 8,
+        "report_to": "none", "seed": 1, "disable_gradient_checkpointing": False,
+    }
+    base.update(over)
+    return base
+
+
+def _losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (out / "trainer_log.jsonl").read_text().splitlines() if x.strip()]
+    return {r["current_steps"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_cli_train_writes_every_output(data_dir, tmp_path, tiny_qwen3_path):
+    out = tmp_path / "run"
+    cfg_file = tmp_path / "c.yaml"
+    import yaml
+
+    cfg_file.write_text(yaml.safe_dump(_cfg(data_dir, out, plot_loss=True, max_steps=8)), encoding="utf-8")
+    assert main(["train", str(cfg_file), "--lora_alpha", "16", "save_steps=4"]) == 0
+    names = {p.name for p in out.iterdir()}
+    for required in ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json", "tokenizer.json",
+                     "run_config.yaml", "trainer_log.jsonl", "train_results.json", "all_results.json",
+                     "training_loss.png", "README.md", "checkpoint-4", "checkpoint-8"):
+        assert required in names, f"{required} missing from {sorted(names)}"
+    assert ".staging" not in names
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["r"] == 8 and adapter["lora_alpha"] == 16
+    assert "lm_head" not in adapter["target_modules"]
+    results = json.loads((out / "all_results.json").read_text())
+    for key in ("epoch", "train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second",
+                "total_flos"):
+        assert key in results
+    rows = [json.loads(x) for x in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert [r["current_steps"] for r in rows] == list(range(1, 9))
+    for key in ("total_steps", "loss", "lr", "epoch", "grad_norm", "tokens_seen", "tokens_per_second",
+                "elapsed_time", "remaining_time"):
+        assert key in rows[-1], key
+    assert rows[-1]["tokens_seen"] > rows[0]["tokens_seen"] > 0
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert (out / "training_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the resolved config reloads, and the saved tokenizer carries the training template
+    again = load_config(out / "run_config.yaml", purpose="train", build_training_args=False)
+    assert again.finetuning.lora_alpha == 16 and again.data.template == "qwen3"
+    tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
+    chat_template = tok_cfg.get("chat_template") or (out / "chat_template.jinja").read_text()
+    assert "<|im_start|>" in chat_template
+
+
+@pytest.mark.parametrize("method", [
+    {"finetuning_type": "lora"},
+    {"finetuning_type": "lora", "quantization_bit": 4},
+    {"finetuning_type": "lora", "quantization_bit": 8},
+    {"finetuning_type": "freeze", "freeze_trainable_layers": 1},
+    {"finetuning_type": "full", "learning_rate": 1e-3},
+], ids=["lora", "qlora4", "qlora8", "freeze", "full"])
+def test_each_method_lowers_the_loss_on_a_repeated_batch(method, data_dir, tmp_path, tiny_qwen3_path):
+    out = tmp_path / "m"
+    cfg = load_config(_cfg(data_dir, out, dataset="repeated", max_steps=8, save_steps=100, **method))
+    run_train(cfg)
+    losses = _losses(out)
+    assert losses[8] < 0.7 * losses[1], losses
+
+
+class _SignalAt(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_interrupted_run_resumes_with_the_same_losses(data_dir, tmp_path, tiny_qwen3_path):
+    ref = tmp_path / "ref"
+    run_train(load_config(_cfg(data_dir, ref)))
+    expected = _losses(ref)
+
+    out = tmp_path / "int"
+    outcome = run_train(load_config(_cfg(data_dir, out)), extra_callbacks=[_SignalAt(2)])
+    assert outcome.interrupted and Path(outcome.checkpoint).is_dir()
+    stopped_at = int(Path(outcome.checkpoint).name.split("-")[1])
+    assert stopped_at < 6 and not (out / "adapter_model.safetensors").exists()
+    # without asking, a second run refuses to touch the checkpoints
+    with pytest.raises(Exception, match="resume_from_checkpoint"):
+        run_train(load_config(_cfg(data_dir, out, overwrite_output_dir=False)))
+    run_train(load_config(_cfg(data_dir, out, resume_from_checkpoint=True)))
+    resumed = _losses(out)
+    assert sorted(resumed) == sorted(expected)
+    for step, loss in expected.items():
+        assert resumed[step] == pytest.approx(loss, rel=1e-4, abs=1e-5), (step, resumed, expected)
+
+
+class _NaNAt(TrainerCallback):
+    """Make the model's output NaN during the given optimizer steps."""
+
+    def __init__(self, steps: set[int]):
+        self.steps = steps
+        self.handle = None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 in self.steps:
+            head = model.get_output_embeddings()
+            self.handle = head.register_forward_hook(lambda mod, inp, out: out * float("nan"))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
+def test_nan_step_is_skipped_and_reported(data_dir, tmp_path, tiny_qwen3_path):
+    out = tmp_path / "nan"
+    outcome = run_train(load_config(_cfg(data_dir, out, save_steps=100)), extra_callbacks=[_NaNAt({3})])
+    assert outcome.metrics["skipped_nonfinite_steps"] == 1
+    rows = [json.loads(x) for x in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert rows[-1]["skipped_nonfinite"] == 1
+    assert all(r["loss"] == r["loss"] for r in rows if r["current_steps"] != 3)  # finite elsewhere
+    from safetensors.torch import load_file
+
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_consecutive_nan_steps_stop_the_run_naming_the_steps(data_dir, tmp_path, tiny_qwen3_path):
+    out = tmp_path / "nan3"
+    with pytest.raises(TrainingError, match=r"3 consecutive steps \(steps 2, 3, 4\)"):
+        run_train(load_config(_cfg(data_dir, out, save_steps=100)), extra_callbacks=[_NaNAt({2, 3, 4})])
