@@ -35,7 +35,7 @@ def _sync() -> None:
     import torch
 
     if torch.cuda.is_available():
-        _sync()
+        torch.cuda.synchronize()
 
 
 def build_model(size: str, device: str):
@@ -66,8 +66,6 @@ def cut(ids: list[int]) -> list[int]:
 
 def run_batched(model, prompts, batch: int, max_new: int) -> tuple[list[list[int]], float]:
     """loraforge's predict path: length-sorted batches through ``generate_batch`` (left padding, KV cache)."""
-    import torch
-
     from loraforge.evaluate.predict import batch_plan, generate_batch
     from loraforge.serve.engine import SamplingParams
 

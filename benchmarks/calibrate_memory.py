@@ -31,6 +31,8 @@ QWEN3_SHAPES = {
                num_key_value_heads=8, tie_word_embeddings=True),
     "8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
                num_key_value_heads=8, tie_word_embeddings=False),
+    "14b": dict(hidden_size=5120, intermediate_size=17408, num_hidden_layers=40, num_attention_heads=40,
+                num_key_value_heads=8, tie_word_embeddings=False),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, tie_word_embeddings=True),
 }
@@ -67,6 +69,13 @@ CONFIGS = [
     _cfg("4b", "qlora-8", 512, 1, True, "paged_adamw_8bit"),
     dict(_cfg("4b", "qlora-4", 2048, 1, False), upcast_norms=False, name="qwen3-4b_qlora-4_s2048_b1_nogc_bf16norms"),
     dict(_cfg("8b", "qlora-4", 2048, 4, True), upcast_norms=False, name="qwen3-8b_qlora-4_s2048_b4_gc_bf16norms"),
+    # variants the estimator models but the grid above does not exercise (run 2)
+    _cfg("14b", "qlora-4", 2048, 2, True),
+    dict(_cfg("4b", "lora", 1024, 2, False), rank=64, targets=["q_proj", "v_proj"],
+         name="qwen3-4b_lora-r64-qv_s1024_b2_nogc"),
+    dict(_cfg("4b", "qlora-4", 2048, 1, True), precision="fp16", name="qwen3-4b_qlora-4_s2048_b1_gc_fp16"),
+    _cfg("0.6b", "freeze", 2048, 4, False),
+    _cfg("0.6b", "full", 1024, 2, True, "adamw_8bit"),
 ]
 TINY_CONFIGS = [
     _cfg("tiny", "lora", 32, 2, True),
@@ -74,10 +83,12 @@ TINY_CONFIGS = [
     dict(_cfg("tiny", "qlora-4", 32, 1, True), upcast_norms=False, name="tiny_bf16norms"),
     _cfg("tiny", "qlora-8", 32, 1, True),
     _cfg("tiny", "full", 32, 1, False),
+    _cfg("tiny", "freeze", 32, 2, True),
+    dict(_cfg("tiny", "lora", 32, 1, False), rank=4, targets=["q_proj", "v_proj"], name="tiny_qv"),
 ]
 
 
-def _quantize_linears(model, bits: int, device) -> None:
+def _quantize_linears(model, bits: int, device, dtype) -> None:
     """Swap every decoder linear for a bitsandbytes one holding the same (random) weights, quantized."""
     import bitsandbytes as bnb
     import torch
@@ -90,7 +101,7 @@ def _quantize_linears(model, bits: int, device) -> None:
                 w = old.weight.data
                 if bits == 4:
                     new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
-                                            compute_dtype=torch.bfloat16, compress_statistics=True,
+                                            compute_dtype=dtype, compress_statistics=True,
                                             quant_type="nf4", device="meta")
                     new.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True,
                                                    quant_type="nf4", module=new).to(device)
@@ -117,6 +128,9 @@ def worker(spec: dict) -> dict:
     from transformers import Qwen3Config, Qwen3ForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     cuda = torch.cuda.is_available() and spec["size"] != "tiny"
+    fp16 = spec.get("precision") == "fp16"
+    dtype = torch.float16 if fp16 else torch.bfloat16
+    targets = spec.get("targets", TARGETS)
     device = torch.device("cuda" if cuda else "cpu")
     vocab = 1000 if spec["size"] == "tiny" else 151936
     cfg = Qwen3Config(head_dim=16 if spec["size"] == "tiny" else 128, vocab_size=vocab, rms_norm_eps=1e-6,
@@ -124,7 +138,7 @@ def worker(spec: dict) -> dict:
     cfg._attn_implementation = "sdpa"
     t0 = time.time()
     torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(dtype)
     with device:
         model = Qwen3ForCausalLM(cfg)
     torch.set_default_dtype(torch.float32)
@@ -135,8 +149,11 @@ def worker(spec: dict) -> dict:
     # frozen embeddings get input grads; trainable weights (LoRA or full) are kept in fp32.
     for p in model.parameters():
         p.requires_grad_(method == "full")
+    if method == "freeze":  # the last N blocks are trained (loraforge's default freeze_trainable_layers: 2)
+        for layer in model.model.layers[-spec.get("freeze_layers", 2):]:
+            layer.requires_grad_(True)
     if method.startswith("qlora"):
-        _quantize_linears(model, int(method[-1]), device)
+        _quantize_linears(model, int(method[-1]), device, dtype)
         if spec.get("upcast_norms", True):
             for mod_name, module in model.named_modules():
                 if "norm" in type(module).__name__.lower() or mod_name.split(".")[-1].endswith("norm"):
@@ -146,17 +163,17 @@ def worker(spec: dict) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if method != "full":
             model.enable_input_require_grads()
-    if method != "full":
+    if method not in ("full", "freeze"):
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=spec["rank"], lora_alpha=2 * spec["rank"], lora_dropout=0.0,
-                                                 target_modules=TARGETS, task_type="CAUSAL_LM"))
+                                                 target_modules=targets, task_type="CAUSAL_LM"))
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    q_proj = model.get_submodule("model.layers.0.self_attn.q_proj") if method == "full" else \
-        model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
+    lora = method not in ("full", "freeze")
+    q_proj = model.get_submodule(("base_model.model." if lora else "") + "model.layers.0.self_attn.q_proj")
     layer_type = f"{type(q_proj).__module__}.{type(q_proj).__name__}"
     if cuda:
         torch.cuda.synchronize()
@@ -172,7 +189,7 @@ def worker(spec: dict) -> dict:
         if cuda and "t" in stats:
             stats["after_forward_alloc"] = max(stats["after_forward_alloc"], torch.cuda.memory_allocated())
 
-    base = model if method == "full" else model.get_base_model()
+    base = model.get_base_model() if lora else model
     base.register_forward_hook(after_forward)
 
     class PeakMemory(TrainerCallback):
@@ -196,16 +213,25 @@ def worker(spec: dict) -> dict:
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=spec["bs"], max_steps=3, learning_rate=1e-4,
-            lr_scheduler_type="constant", optim=spec["optim"], bf16=True, use_cpu=not cuda, logging_steps=100,
+            lr_scheduler_type="constant", optim=spec["optim"], bf16=not fp16, fp16=fp16 and cuda, use_cpu=not cuda, logging_steps=100,
             save_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0,
             remove_unused_columns=False, gradient_checkpointing=False, max_grad_norm=1.0)
         trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[PeakMemory()])
         result = trainer.train()
     import peft
 
+    outliers: dict[str, list[float]] = {}
+    for mod_name, module in model.named_modules():
+        idx = getattr(getattr(module, "state", None), "idx", None)
+        if method == "qlora-8" and idx is not None and hasattr(module, "in_features"):
+            parts = mod_name.split(".")
+            key = parts[-2] if parts[-1] == "base_layer" else parts[-1]
+            outliers.setdefault(key, []).append(idx.numel() / module.in_features)
     row = dict(spec, params=total_params, trainable=trainable, layer_type=layer_type, loss=round(float(result.training_loss), 4),
                build_s=round(build_s, 1), torch=torch.__version__, transformers=transformers.__version__,
                peft=peft.__version__)
+    if outliers:  # share of input columns LLM.int8 kept in 16/32 bits (last forward), mean over blocks
+        row["int8_outlier_fraction"] = {k: round(sum(v) / len(v), 4) for k, v in outliers.items()}
     if cuda:
         import bitsandbytes
 
@@ -218,7 +244,7 @@ def worker(spec: dict) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="JSON file to write (rewritten after every configuration)")
-    ap.add_argument("--only", default=None, help="comma-separated configuration names to run")
+    ap.add_argument("--only", default=None, help="comma-separated configuration names to run, in that order")
     ap.add_argument("--skip", default=None, help="comma-separated configuration names to leave out")
     ap.add_argument("--tiny", action="store_true", help="CPU dry run of every code path with a tiny model")
     ap.add_argument("--timeout", type=int, default=150, help="seconds per configuration")
@@ -230,7 +256,11 @@ def main() -> int:
         return 0
     configs = TINY_CONFIGS if a.tiny else CONFIGS
     if a.only:
-        configs = [c for c in configs if c["name"] in a.only.split(",")]
+        by_name = {c["name"]: c for c in configs}
+        unknown = [n for n in a.only.split(",") if n not in by_name]
+        if unknown:
+            ap.error(f"unknown configuration(s): {', '.join(unknown)}")
+        configs = [by_name[n] for n in a.only.split(",")]
     if a.skip:
         configs = [c for c in configs if c["name"] not in a.skip.split(",")]
     start = time.time()

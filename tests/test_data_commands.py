@@ -128,3 +128,16 @@ def test_preview_marks_trained_tokens(project, capsys):
            "[[The sum is 5.<|im_end|>\n]]" in out
     assert "(a: a.json:row 2)" in out
     assert main(["data", "preview", str(project), "--index", "99"]) == 2
+
+
+def test_check_with_the_builtin_model_and_real_template(tmp_path, tiny_qwen3_path, capsys):
+    data = tmp_path / "data"
+    write_json(data / "a.json", alpaca_rows(12))
+    write_info(data, {"a": {"file_name": "a.json"}})
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model_name_or_path: {tiny_qwen3_path}\ndataset: a\ndataset_dir: {data}\ntemplate: qwen3\n"
+                   f"cutoff_len: 32\ndata_cache_dir: {tmp_path / 'cache'}\n")
+    assert main(["data", "check", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "template: qwen3" in out and "a [train]: 12 rows read, 12 kept, 0 dropped" in out
+    assert "train: 12 examples" in out and "truncated to cutoff_len=32: " in out

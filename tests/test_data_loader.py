@@ -205,3 +205,21 @@ def test_two_workers_give_the_same_tokens(data_dir, tok):
     two = build_datasets(_cfg(data_dir, dataset="a,s", overwrite_cache=True, preprocessing_num_workers=2,
                               preprocessing_batch_size=7), tok, FakeChatML())
     assert one.train["input_ids"] == two.train["input_ids"] and one.train["labels"] == two.train["labels"]
+
+
+@pytest.mark.parametrize("name", ["chatml", "qwen3"])
+def test_real_template_trains_exactly_the_answers(data_dir, tiny_qwen3_path, name):
+    from transformers import AutoTokenizer
+
+    from loraforge.data.templates import resolve_template
+
+    qwen_tok = AutoTokenizer.from_pretrained(tiny_qwen3_path)
+    cfg = _cfg(data_dir, dataset="s", template=name, preprocessing_num_workers=2, preprocessing_batch_size=8)
+    bundle = build_datasets(cfg, qwen_tok, resolve_template(cfg.data, qwen_tok))
+    assert len(bundle.train) == 20
+    row = bundle.train[3]
+    text = qwen_tok.decode(row["input_ids"])
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi 3<|im_end|>\n")
+    trained = qwen_tok.decode([t for t, lab in zip(row["input_ids"], row["labels"]) if lab != -100])
+    assert "Hi 3" not in trained and "Hello 3!<|im_end|>" in trained and trained.rstrip().endswith("Bye 3.<|im_end|>")
+    assert "<|im_start|>" not in trained and "user" not in trained

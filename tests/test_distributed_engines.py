@@ -111,6 +111,8 @@ def test_deepspeed_needs_gpus(data_dir, monkeypatch):
     ({"deepspeed": "z3", "fsdp": "full_shard auto_wrap"}, "`deepspeed` and `fsdp` are both set"),
     ({"fsdp": "full_shard auto_wrap", "quantization_bit": 8}, "`quantization_bit: 8` cannot be combined with FSDP"),
     ({"fsdp": "full_shard auto_wrap", "quantization_bit": 4}, "FSDP-QLoRA needs FSDP1"),
+    ({"fsdp": "full_shard auto_wrap", "quantization_bit": 4, "fsdp_config": {"version": 1}},
+     "FSDP-QLoRA needs `fsdp_config.cpu_ram_efficient_loading: true`"),
     ({"fsdp": "full_shard auto_wrap", "fsdp_config": {"state_dict_type": "SHARDED_STATE_DICT"}},
      "would leave no usable adapter/model"),
     ({"fsdp": "full_shard wrap_everything"}, "unknown option(s) wrap_everything"),

@@ -115,7 +115,7 @@ def test_resume_across_the_two_process_run(runs):
     resumed.mkdir()
     shutil.copytree(runs["two"] / "checkpoint-2", resumed / "checkpoint-2")
     _train(runs["cfg"], [f"output_dir={resumed}", "per_device_train_batch_size=2", "nproc_per_node=2",
-                         "resume_from_checkpoint=true"], FORCE_TORCHRUN="1")
+                         f"resume_from_checkpoint={resumed / 'checkpoint-2'}"], FORCE_TORCHRUN="1")
     full, again = _losses(runs["two"]), _losses(resumed)
     assert sorted(again) == [3, 4]
     for step in (3, 4):

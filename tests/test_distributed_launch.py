@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import sys
 from pathlib import Path
@@ -12,7 +13,8 @@ import yaml
 
 from loraforge.errors import ConfigError
 from loraforge.train import launcher
-from loraforge.train.distributed import RankInfo, configure_worker_logging, inside_torchrun, rank_info
+from loraforge.train.distributed import RankInfo, announce_fsdp, configure_worker_logging, inside_torchrun, \
+    rank_info
 from loraforge.train.launcher import LaunchPlan, plan_launch
 
 
@@ -135,3 +137,10 @@ def test_only_rank_zero_logs_info(monkeypatch):
     configure_worker_logging(RankInfo(rank=1, local_rank=1, world_size=2))
     assert logging.getLogger("loraforge.train.workflow").getEffectiveLevel() == logging.WARNING
     assert bars == ["hf off", "off"]
+
+
+def test_fsdp_is_announced_to_accelerate_in_the_worker(monkeypatch):
+    """transformers reads ACCELERATE_USE_FSDP while loading (before the Trainer exists), as after `accelerate launch`."""
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert not announce_fsdp(None) and "ACCELERATE_USE_FSDP" not in os.environ
+    assert announce_fsdp("full_shard auto_wrap") and os.environ["ACCELERATE_USE_FSDP"] == "true"

@@ -91,8 +91,8 @@ def test_qwen3_header_names_and_tokenizer(qwen3_headdim: Path, tmp_path: Path):
     assert len(r.get_field("tokenizer.ggml.merges").contents()) == 151387
 
 
-def test_untied_qwen2_with_biases_and_quantization_rules(tiny_qwen3_path: Path, tmp_path: Path):
-    src = build_tiny("qwen2", tiny_qwen3_path, tmp_path / "q2", intermediate_size=80)  # ffn_down rows of 80
+def test_untied_qwen2_with_biases_and_quantization_rules(smollm2_path: Path, tmp_path: Path):
+    src = build_tiny("qwen2", smollm2_path, tmp_path / "q2", intermediate_size=80)  # ffn_down rows of 80
     from safetensors.torch import load_file
 
     hf = load_file(str(src / "model.safetensors"))
@@ -136,18 +136,23 @@ def test_llama_rope_rows_are_interleaved_and_rope_freqs_written(smollm2_path: Pa
     assert field(r, "tokenizer.ggml.pre") == "smollm"
 
 
-def test_sharded_source_and_bf16(tiny_qwen3_path: Path, tmp_path: Path):
+def test_sharded_source_and_bf16(smollm2_path: Path, tmp_path: Path):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_qwen3_path), dtype=torch.float32)
-    model.save_pretrained(str(tmp_path / "sharded"), max_shard_size="5MB")
+    src = build_tiny("qwen3", smollm2_path, tmp_path / "m", num_hidden_layers=4)
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.bfloat16)
+    model.save_pretrained(str(tmp_path / "sharded"), max_shard_size="2MB")
     for name in TOKENIZER_FILES:
-        if (tiny_qwen3_path / name).is_file():
-            shutil.copy(tiny_qwen3_path / name, tmp_path / "sharded" / name)
+        if (src / name).is_file():
+            shutil.copy(src / name, tmp_path / "sharded" / name)
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
     r = gguf.GGUFReader(convert_to_gguf(tmp_path / "sharded", tmp_path / "bf16.gguf", "bf16").path)
     t = tensors(r)
-    assert len(t) == 2 + 4 * 11 and t["blk.3.ffn_up.weight"].tensor_type == Q.BF16
+    assert len(t) == 3 + 4 * 11 and t["blk.3.ffn_up.weight"].tensor_type == Q.BF16
+    raw = np.asarray(t["blk.3.ffn_up.weight"].data).view(np.uint16).reshape(128, 64)
+    ref = model.model.layers[3].mlp.up_proj.weight.detach().view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(raw, ref)  # bf16 source -> bf16 GGUF is bit-exact
     assert field(r, "general.file_type") == int(gguf.LlamaFileType.MOSTLY_BF16)
 
 

@@ -95,3 +95,32 @@ def test_qlora4_adapter_reloads(tmp_path: Path):
     folder, trained = train_and_save(tmp_path, "q4", seed=0, quantization_bit=4)
     model = load_for_inference(tmp_path, str(folder), quantization_bit=4)
     torch.testing.assert_close(logits(model), trained, atol=1e-4, rtol=1e-4)
+
+
+def test_pissa_adapter_reloads_and_converts_to_plain_lora(tmp_path: Path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loraforge.models.adapters import save_pissa_initial
+    from loraforge.models.builtin import resolve_builtin
+
+    cfg = cfg_for(tmp_path, pissa_init=True, pissa_iter=4)
+    model = load_model(cfg, load_tokenizer(cfg.model), is_trainable=True)
+    initial = save_pissa_initial(model, str(tmp_path / "out"))
+    assert initial is not None
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    for _ in range(3):
+        model(input_ids=INPUTS, labels=INPUTS).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    trained = logits(model)
+    model.save_pretrained(str(tmp_path / "pissa"))
+    model.save_pretrained(str(tmp_path / "plain"), path_initial_model_for_weight_conversion=initial)
+    # the PiSSA adapter itself: loraforge rebuilds the same residual base (fixed-seed fast SVD)
+    torch.testing.assert_close(logits(load_for_inference(tmp_path, str(tmp_path / "pissa"))), trained,
+                               atol=2e-5, rtol=1e-4)
+    # converted (pissa_convert): a rank-2r LoRA on the original weights, loadable by plain peft
+    assert json.loads((tmp_path / "plain" / "adapter_config.json").read_text())["r"] == 8
+    base = AutoModelForCausalLM.from_pretrained(str(resolve_builtin("tiny-random-qwen3")))
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(base, str(tmp_path / "plain"))), trained,
+                               atol=2e-5, rtol=1e-4)

@@ -72,8 +72,11 @@ def test_added_tokens_special_tokens_and_ids(official, rebuilt):
     assert ours == theirs
     assert sorted(ours) == list(range(151643, 151669))
     assert ours[151667] == ("<think>", False) and ours[151645] == ("<|im_end|>", True)
-    assert (rebuilt.eos_token, rebuilt.eos_token_id) == (official.eos_token, official.eos_token_id) == ("<|im_end|>", 151645)
-    assert (rebuilt.pad_token, rebuilt.pad_token_id) == ("<|endoftext|>", 151643) == (official.pad_token, official.pad_token_id)
+    for ours_tok, theirs_tok, expected in ((rebuilt.eos_token, official.eos_token, "<|im_end|>"),
+                                           (rebuilt.pad_token, official.pad_token, "<|endoftext|>")):
+        assert ours_tok == theirs_tok == expected
+    assert (rebuilt.eos_token_id, rebuilt.pad_token_id) == (official.eos_token_id, official.pad_token_id)
+    assert (rebuilt.eos_token_id, rebuilt.pad_token_id) == (151645, 151643)
     assert rebuilt.bos_token is None and official.bos_token is None
     assert rebuilt.all_special_tokens == official.all_special_tokens
     assert rebuilt.model_max_length == official.model_max_length == 131072

@@ -33,7 +33,7 @@ def batch():
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
-def train_steps(model, lr: float, steps: int = 6) -> list[float]:
+def train_steps(model, lr: float, steps: int = 4) -> list[float]:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     inputs, losses = batch(), []
@@ -62,7 +62,7 @@ def test_loss_falls(tmp_path: Path, mode: str):
     cfg, _, model = make(tmp_path, **MODES[mode])
     losses = train_steps(model, cfg.training.learning_rate)
     assert all(torch.isfinite(torch.tensor(losses)))
-    assert losses[-1] < losses[0] - 0.3, losses
+    assert losses[-1] < losses[0] - 0.25, losses
 
 
 def test_lora_all_targets_every_linear_but_lm_head(tmp_path: Path):

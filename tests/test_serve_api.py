@@ -13,10 +13,21 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
+torch = pytest.importorskip("torch")
 
 from loraforge.data.conversation import Message  # noqa: E402
 from loraforge.serve.api import create_app  # noqa: E402
 from loraforge.serve.engine import ChatEngine, SamplingParams  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models run fastest on one thread; more threads thrash when the CI machine's cores are busy."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 
 KEY = "sk-test-loraforge"
 CONTEXT = 200

@@ -16,6 +16,15 @@ from loraforge.serve.engine import SamplingParams, build_engine  # noqa: E402
 from test_eval_compare import build_adapter_and_merged  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models run fastest on one thread; more threads thrash when the CI machine's cores are busy."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def variants(tiny_qwen3_path, tmp_path_factory):
     return build_adapter_and_merged(tiny_qwen3_path, tmp_path_factory.mktemp("chat_variants"))
@@ -41,7 +50,7 @@ def test_base_adapter_and_merged_engines(tiny_qwen3_path, variants):
 def test_cli_chat_driven_by_stdin(tiny_qwen3_path, variants):
     adapter, _ = variants
     script = "hello there\n/think\nand again?\nclear\nexit\n"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORAFORGE_LOG_LEVEL": "WARNING"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORAFORGE_LOG_LEVEL": "WARNING", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "loraforge.cli", "chat", "--thinking", "off", "--system", "You are a pirate.",
          f"model_name_or_path={tiny_qwen3_path}", f"adapter_name_or_path={adapter}", "template=qwen3",

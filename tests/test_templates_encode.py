@@ -62,7 +62,8 @@ def test_every_answer_trained_prompts_masked(tok):
     assert tok.decode(input_ids) == t.render_text(c, tok)
     assert spans(tok, input_ids, labels) == ["Hello!<|im_end|>\n", "Fine, thanks.<|im_end|>\n"]
     first_prompt = t.render(c, tok)[0].prompt
-    assert first_prompt == "<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert first_prompt == ("<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                            "<|im_start|>assistant\n")
     n = len(tok(first_prompt, add_special_tokens=False)["input_ids"])
     assert labels[:n] == [IGNORE] * n and labels[n] == input_ids[n]
 

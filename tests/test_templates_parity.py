@@ -57,7 +57,8 @@ TOOL_CONVS = {
                                    {"name": "get_weather", "arguments": {"city": "Rome"}}])),
          M("observation", '[{"temperature": 18}, {"temperature": 25}]'), M("assistant", "Paris 18, Rome 25."),
          M("user", "Thanks!"), M("assistant", "Any time.")], tools=TOOLS),
-    "tools_call_is_last": Conversation([M("user", "Search for loraforge"), M("function", call("search", q="loraforge"))],
+    "tools_call_is_last": Conversation([M("user", "Search for loraforge"),
+                                        M("function", call("search", q="loraforge"))],
                                        tools=TOOLS),
 }
 # Conversations with reasoning (Qwen3): the real template keeps it only after the last user query.

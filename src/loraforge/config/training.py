@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 from transformers import Seq2SeqTrainingArguments
 
@@ -29,6 +29,8 @@ class TrainingArguments(Seq2SeqTrainingArguments):
     save_safetensors: bool = arg(True, "Save weights as safetensors (always on; accepted for compatibility).")
     warmup_ratio: float = arg(0.0, "Share of total steps used for linear warmup (used when warmup_steps is 0).")
     logging_dir: Optional[str] = arg(None, "TensorBoard log folder (accepted for compatibility).")
+    resume_from_checkpoint: Optional[Union[bool, str]] = arg(
+        None, "Resume from this checkpoint folder, or `true` for the newest complete checkpoint in output_dir.")
     nproc_per_node: Optional[int] = arg(None, "Processes (GPUs) per node; >1 relaunches under torchrun.")
 
     def __post_init__(self):

@@ -128,8 +128,13 @@ def save_bundle(folder: Path, train, eval_, eval_conversations: list[Conversatio
         (tmp / "key.json").write_text(json.dumps(key_parts, indent=1, default=str, ensure_ascii=False),
                                       encoding="utf-8")
         if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not (folder / "report.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process (rank) saved the same key first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -72,7 +72,8 @@ class NeatPackingCollator:
 
         ids = _as_lists(features, "input_ids")
         labels = _as_lists(features, "labels")
-        pos = _as_lists(features, "position_ids")
+        pos = (_as_lists(features, "position_ids") if "position_ids" in features[0]
+               else [list(range(len(x))) for x in ids])  # an unpacked row is one example
         if self.flatten:
             return {"input_ids": torch.tensor([[t for x in ids for t in x]], dtype=torch.long),
                     "labels": torch.tensor([[t for y in labels for t in y]], dtype=torch.long),

@@ -53,19 +53,42 @@ class Encoded:
         return np.diff(self.offsets)
 
     def to_dataset(self, position_ids: np.ndarray | None = None):
-        """A `datasets.Dataset` with input_ids, attention_mask, labels (and position_ids when given)."""
+        """A `datasets.Dataset` with input_ids, attention_mask, labels (and position_ids when given), built from
+        Arrow list arrays directly (chunked so that no chunk exceeds Arrow's 32-bit list offsets)."""
         import datasets
         import pyarrow as pa
 
-        offsets = pa.array(self.offsets.astype(np.int64), pa.int64())
-        columns = {
-            "input_ids": pa.LargeListArray.from_arrays(offsets, pa.array(self.ids, pa.int32())),
-            "attention_mask": pa.LargeListArray.from_arrays(offsets, pa.array(np.ones(len(self.ids), np.int8))),
-            "labels": pa.LargeListArray.from_arrays(offsets, pa.array(self.labels, pa.int32())),
-        }
+        columns: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
         if position_ids is not None:
-            columns["position_ids"] = pa.LargeListArray.from_arrays(offsets, pa.array(position_ids, pa.int32()))
-        return datasets.Dataset(pa.table(columns))
+            columns["position_ids"] = []
+        for lo, hi in _row_chunks(self.offsets, MAX_CHUNK_VALUES):
+            start, end = int(self.offsets[lo]), int(self.offsets[hi])
+            offsets = pa.array((self.offsets[lo:hi + 1] - start).astype(np.int32), pa.int32())
+            values = {"input_ids": pa.array(self.ids[start:end], pa.int32()),
+                      "attention_mask": pa.array(np.ones(end - start, np.int8), pa.int8()),
+                      "labels": pa.array(self.labels[start:end], pa.int32())}
+            if position_ids is not None:
+                values["position_ids"] = pa.array(position_ids[start:end], pa.int32())
+            for key, vals in values.items():
+                columns[key].append(pa.ListArray.from_arrays(offsets, vals))
+        table = pa.table({k: pa.chunked_array(v, type=pa.list_(v[0].type.value_type)) for k, v in columns.items()}
+                         if columns["input_ids"] else {k: pa.array([], pa.list_(pa.int32())) for k in columns})
+        return datasets.Dataset(table)
+
+
+MAX_CHUNK_VALUES = 1 << 30
+
+
+def _row_chunks(offsets: np.ndarray, max_values: int) -> list[tuple[int, int]]:
+    """Row ranges [lo, hi) whose token counts stay below ``max_values``."""
+    n = len(offsets) - 1
+    chunks, lo = [], 0
+    while lo < n:
+        hi = int(np.searchsorted(offsets, offsets[lo] + max_values, side="right")) - 1
+        hi = min(max(hi, lo + 1), n)
+        chunks.append((lo, hi))
+        lo = hi
+    return chunks
 
 
 _STATE: dict[str, Any] = {}

@@ -159,11 +159,12 @@ def _stats(enc: Encoded, cutoff_len: int) -> TokenStats:
                       total_tokens=int(len(enc.ids)), trained_tokens=int((enc.labels != IGNORE_INDEX).sum()))
 
 
-def _tokenize(convs: list[Conversation], split: str, cfg, tokenizer, template, report: DataReport):
+def _tokenize(convs: list[Conversation], split: str, cfg, tokenizer, template, report: DataReport, *,
+              allow_packing: bool = True):
     d = cfg.data
     pretrain = cfg.finetuning.stage == "pt"
     packing = d.packing if d.packing is not None else pretrain
-    packing = packing or d.neat_packing
+    packing = (packing or d.neat_packing) and allow_packing
     if pretrain:
         texts = ["\n".join(m.content for m in c.messages) for c in convs]
         enc = encode_pretrain(texts, tokenizer, batch_size=d.preprocessing_batch_size)
@@ -260,8 +261,11 @@ def build_datasets(cfg, tokenizer, template, *, purpose: str = "train") -> Datas
         report.notes.append(f"val_size={d.val_size:g}: {len(eval_convs)} examples held out for evaluation")
         if purpose in ("predict", "eval"):
             train_convs = None
+    if d.streaming:
+        report.notes.append("streaming: true is accepted but loraforge reads the files fully")
     train = _tokenize(train_convs, "train", cfg, tokenizer, template, report) if train_convs else None
-    eval_ = _tokenize(eval_convs, "eval", cfg, tokenizer, template, report) if eval_convs else None
+    eval_ = (_tokenize(eval_convs, "eval", cfg, tokenizer, template, report, allow_packing=purpose != "predict")
+             if eval_convs else None)
     save_bundle(folder, train, eval_, eval_convs, report, {"key": key, "parts": key_parts})
     report.cache = f"built and saved to {folder}"
     return DatasetBundle(train, eval_, eval_convs, report)

@@ -268,7 +268,8 @@ def resolve_template(data_args: Any, tokenizer: Any) -> Template:
             logger.info("prompt_template replaces the model's chat template; the saved tokenizer will carry a "
                         "chat template that renders your format")
     elif name:
-        is_path = name.endswith((".yaml", ".yml")) or Path(name).expanduser().is_file()
+        is_path = name.endswith((".yaml", ".yml")) or (name not in template_names()
+                                                        and Path(name).expanduser().is_file())
         spec = load_template_file(name).spec if is_path else get_template(name).spec
     else:
         spec = derive_template(tokenizer)

@@ -40,9 +40,12 @@ class UploadPlan:
         token = f"token from {self.token_source}" if self.token_source else \
             f"NO TOKEN: set {TOKEN_ENV[self.hub][0]} before the real upload"
         head = [f"upload to {self.hub}: {self.repo_id} ({'private' if self.private else 'public'}; {token})"]
-        approx = "~" if self.estimated else ""
-        body = [f"  {approx}{human_size(size):>10}  {name}" for name, size in self.files]
-        total = f"  {approx}{human_size(self.total_bytes):>10}  total, {len(self.files)} files"
+        if self.estimated:
+            body = [f"  ~{human_size(size):>10}  {name}" for name, size in self.files]
+            total = f"  ~{human_size(self.total_bytes):>10}  total, {len(self.files)} files"
+        else:
+            body = [f"  {human_size(size):>10}  {size:>15,} B  {name}" for name, size in self.files]
+            total = f"  {human_size(self.total_bytes):>10}  {self.total_bytes:>15,} B  total, {len(self.files)} files"
         note = ["  (sizes estimated: the export folder does not exist yet)"] if self.estimated else []
         return head + body + [total] + note
 

@@ -6,9 +6,10 @@ called by the trainer to build the LoRA+ optimizer.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from ..errors import ModelLoadError
 from .hub import resolve_adapter_path
@@ -68,8 +69,8 @@ def find_linear_modules(model: Any) -> list[str]:
 
 
 def _check_targets(model: Any, targets: list[str]) -> None:
-    names = {name.split(".")[-1] for name, _ in model.named_modules()}
-    unknown = [t for t in targets if t not in names and not any(n.endswith(t) for n, _ in model.named_modules())]
+    names = [name for name, _ in model.named_modules()]
+    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]  # peft's matching
     if unknown:
         available = ",".join(find_linear_modules(model)[:16])
         raise ModelLoadError(f"lora_target: {','.join(unknown)} not found in {type(model).__name__}; its linear "
@@ -152,7 +153,10 @@ def _setup_lora(cfg: "RunConfig", model: Any, *, is_trainable: bool, new_token_i
         to_merge, to_resume = adapters[:-1], adapters[-1]
     else:
         to_merge, to_resume = adapters, None
-    with warnings.catch_warnings():  # peft reads transformers 5's deprecated `is_gradient_checkpointing`
+    pissa = f.pissa_init if to_resume is None else False
+    pissa = pissa or any(_is_pissa_adapter(path) for path in adapters)
+    with warnings.catch_warnings(), _fixed_rng(enabled=pissa):
+        # peft reads transformers 5's deprecated `is_gradient_checkpointing`
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         for path in to_merge:
             model = PeftModel.from_pretrained(model, path).merge_and_unload()
@@ -163,6 +167,58 @@ def _setup_lora(cfg: "RunConfig", model: Any, *, is_trainable: bool, new_token_i
         elif is_trainable:
             model = get_peft_model(model, _lora_config(cfg, model, new_token_ids))
     return model
+
+
+PISSA_SEED = 1234
+
+
+def _is_pissa_adapter(path: str) -> bool:
+    import json
+    import os
+
+    try:
+        with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as handle:
+            init = json.load(handle).get("init_lora_weights")
+    except (OSError, ValueError):
+        return False
+    return isinstance(init, str) and init.startswith("pissa")
+
+
+@contextlib.contextmanager
+def _fixed_rng(*, enabled: bool) -> Iterator[None]:
+    """Run PiSSA adapter creation/loading under a fixed RNG seed, leaving the caller's RNG state untouched.
+
+    PiSSA with fast SVD (``pissa_niter_N``) uses a randomized SVD both when the adapter is created and when peft
+    loads it again (it rebuilds the residual base weights); the same seed on both sides makes a saved PiSSA
+    adapter reproduce its logits. Other LoRA weights are unaffected: their A matrices are saved and reloaded.
+    """
+    import torch
+
+    if not enabled:
+        yield
+        return
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(PISSA_SEED)
+        yield
+
+
+def save_pissa_initial(model: Any, output_dir: str) -> str | None:
+    """Save the untrained PiSSA adapter to ``output_dir/pissa_init`` (before training); None when not PiSSA.
+
+    Saving the final adapter with ``model.save_pretrained(out, path_initial_model_for_weight_conversion=<that
+    folder>)`` then converts it into a plain LoRA (rank 2r) that applies to the original base weights, which is
+    what ``pissa_convert: true`` asks for.
+    """
+    import os
+
+    config = getattr(model, "peft_config", {}).get("default")
+    init = getattr(config, "init_lora_weights", None)
+    if not (isinstance(init, str) and init.startswith("pissa")):
+        return None
+    folder = os.path.join(output_dir, "pissa_init")
+    model.save_pretrained(folder)
+    return folder
 
 
 def _decoder_layers(model: Any) -> tuple[str, int]:
@@ -241,6 +297,6 @@ def loraplus_param_groups(model: Any, lr: float, ratio: float, weight_decay: flo
         buckets.setdefault((kind, decay), []).append(param)
     rates = {"other": lr, "lora_B": lr * ratio, "embedding": embedding_lr}
     return [
-        {"params": params, "lr": rates[kind], "weight_decay": weight_decay if decay else 0.0, "name": f"{kind}"}
+        {"params": params, "lr": rates[kind], "weight_decay": weight_decay if decay else 0.0, "name": kind}
         for (kind, decay), params in sorted(buckets.items())
     ]

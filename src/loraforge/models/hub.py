@@ -129,8 +129,8 @@ def _download_hf(repo_id: str, model_args: "ModelArguments", what: str) -> str:
         raise ModelLoadError(f"model_revision: {model_args.model_revision} does not exist for {repo_id}; use a "
                              "branch, tag or commit of that repository (default: main)") from None
     except PermissionError as exc:
-        raise ModelLoadError(f"{key}: cannot write the download cache for {repo_id} ({short_error(exc)}); set cache_dir "
-                             "(or HF_HOME) to a writable folder") from None
+        raise ModelLoadError(f"{key}: cannot write the download cache for {repo_id} ({short_error(exc)}); set "
+                             "cache_dir (or HF_HOME) to a writable folder") from None
     except (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled, OSError) as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
         why = "HF_HUB_OFFLINE is set" if offline else f"the Hugging Face hub is unreachable ({short_error(exc, 80)})"

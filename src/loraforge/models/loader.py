@@ -172,8 +172,8 @@ def _load_weights(path: str, config: Any, cfg: "RunConfig", dtype: "torch.dtype"
             kwargs["quantization_config"] = quant
         return AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
     except _LOAD_ERRORS as exc:
-        raise ModelLoadError(f"cannot load the model {m.model_name_or_path} from {path} ({short_error(exc)}); check the "
-                             "folder holds config.json and *.safetensors, or set trust_remote_code: true for "
+        raise ModelLoadError(f"cannot load the model {m.model_name_or_path} from {path} ({short_error(exc)}); check "
+                             "the folder holds config.json and *.safetensors, or set trust_remote_code: true for "
                              "custom architectures") from None
 
 

@@ -118,6 +118,18 @@ def init_cpu_process_group(timeout_s: int, backend: str | None = None) -> bool:
     return True
 
 
+def announce_fsdp(fsdp: Any) -> bool:
+    """Tell accelerate and transformers that this worker trains with FSDP, as `accelerate launch` does.
+
+    The Trainer creates its FSDP plugin only after the model is loaded; transformers reads ACCELERATE_USE_FSDP
+    while loading, to keep 4-bit weights in the compute dtype (so FSDP can shard them) and skip the device map.
+    """
+    if not fsdp_enabled(fsdp):
+        return False
+    os.environ["ACCELERATE_USE_FSDP"] = "true"
+    return True
+
+
 # ------------------------------------------------------------------------------------------ engines
 def resolve_deepspeed_path(value: str | dict | None) -> str | dict | None:
     """A short name (z0, z2, z2_offload, z3, z3_offload) becomes the JSON shipped with loraforge."""
@@ -286,6 +298,10 @@ def _fsdp_problems(cfg: "RunConfig", training: Mapping[str, Any], gpus: int) -> 
         p.append("FSDP-QLoRA needs FSDP1: FSDP2 (the default) gathers bitsandbytes 4-bit weights back as plain "
                  "tensors and loses their quantization state; set `fsdp_config: {version: 1}` (see "
                  "examples/fsdp/fsdp1_qlora.json) or use DeepSpeed ZeRO-3 (`deepspeed: z3`)")
+    if bits == 4 and str(fsdp_cfg.get("cpu_ram_efficient_loading", "false")).lower() != "true":
+        p.append("FSDP-QLoRA needs `fsdp_config.cpu_ram_efficient_loading: true`: only then does transformers load "
+                 "the 4-bit weights in the compute dtype, unplaced, ready for FSDP to shard (see "
+                 "examples/fsdp/fsdp1_qlora.json)")
     state_dict_type = str(fsdp_cfg.get("state_dict_type", "FULL_STATE_DICT")).upper()
     if "FULL_STATE_DICT" not in state_dict_type:
         p.append(f"`fsdp_config.state_dict_type: {fsdp_cfg.get('state_dict_type')}` would leave no usable "

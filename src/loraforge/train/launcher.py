@@ -6,7 +6,8 @@
 
 The relaunch runs the same interpreter with the same subcommand, config and overrides
 (``python -m torch.distributed.run ... -m loraforge.cli train CONFIG OVERRIDES``). Inside torchrun nothing is
-relaunched; the worker only quiets the ranks other than 0 and, on CPUs, starts the gloo group with ``ddp_timeout``.
+relaunched; the worker quiets the ranks other than 0, starts the gloo group with ``ddp_timeout`` on CPUs, and
+announces FSDP to accelerate the way `accelerate launch` does.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ..errors import ConfigError
-from .distributed import configure_worker_logging, cuda_device_count, init_cpu_process_group, inside_torchrun, \
-    rank_info
+from .distributed import announce_fsdp, configure_worker_logging, cuda_device_count, init_cpu_process_group, \
+    inside_torchrun, rank_info
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def _launch_keys(config: str, overrides: list[str]) -> dict[str, Any]:
     raw.update(parse_overrides(overrides))
     table = all_fields()
     out: dict[str, Any] = {}
-    for key in ("nproc_per_node", "quantization_device_map", "ddp_timeout", "ddp_backend"):
+    for key in ("nproc_per_node", "quantization_device_map", "ddp_timeout", "ddp_backend", "fsdp"):
         if key in raw:
             try:
                 out[key] = coerce(raw[key], table[key][0][2], nullable=True)
@@ -152,7 +153,7 @@ def maybe_relaunch(config: str, overrides: list[str]) -> int | None:
     """Return the exit code of a torchrun relaunch, or None to train in this process.
 
     In a torchrun worker this prepares the process instead (rank-0-only logging, the CPU process group with
-    ``ddp_timeout``) and returns None. Before relaunching, the whole config is validated once here, so a
+    ``ddp_timeout``, FSDP announced to accelerate as `accelerate launch` would) and returns None. Before relaunching, the whole config is validated once here, so a
     mistake is reported once and no process is started for it.
     """
     keys = _launch_keys(config, overrides)
@@ -160,6 +161,7 @@ def maybe_relaunch(config: str, overrides: list[str]) -> int | None:
         info = rank_info()
         configure_worker_logging(info)
         init_cpu_process_group(int(keys.get("ddp_timeout") or 1800), keys.get("ddp_backend"))
+        announce_fsdp(keys.get("fsdp"))
         return None
     plan = plan_launch(keys.get("nproc_per_node"), device_map_auto=keys.get("quantization_device_map") == "auto")
     if plan is None:

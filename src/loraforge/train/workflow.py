@@ -102,7 +102,8 @@ def run_train(cfg: RunConfig, *, extra_callbacks: list | None = None) -> TrainOu
     # 1. tokenizer and template: the saved tokenizer renders exactly what training used
     tokenizer = load_tokenizer(cfg.model)
     template = resolve_template(cfg.data, tokenizer)
-    template.apply_to_tokenizer(tokenizer)
+    if template.apply_to_tokenizer(tokenizer):  # the template added special tokens: grow the embeddings
+        cfg.model.resize_vocab = True
 
     # 2. data: every dropped row is counted and reported; too many bad rows already raised a DataError
     with args.main_process_first(desc="dataset preprocessing"):

@@ -1,0 +1,200 @@
+"""The memory model: bytes on each GPU at the peak of a training step, and host RAM.
+
+A step has three candidate peaks; the largest one is reported with what is alive at that moment:
+
+- ``loss backward``: weights, optimizer states, every saved activation (or checkpoint) and the loss over the
+  vocabulary (fp32 log-softmax output, its gradient and the input gradient: 12 bytes x vocab per token);
+- ``block backward`` (checkpointing only): checkpoints plus one recomputed block and the gradients;
+- ``optimizer step``: weights, gradients, optimizer states and the optimizer's temporaries.
+
+The constants below were fitted to ``benchmarks/results/memory_calibration.json`` (peak allocated memory of
+real steps on an H100); the test ``tests/test_estimate_calibration.py`` holds the model to that table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .activations import block_bytes_per_token, checkpoint_bytes_per_token, norms_fp32, regime, uses_deepspeed
+from .scenario import Scenario, optimizer_spec
+
+GIB = 2**30
+MIB = 2**20
+
+# --- calibrated constants (see module docstring) -------------------------------------------------------------
+ACTIVATION_SCALE = 1.0  # multiplier on the tensor-by-tensor count of saved activations
+LOGITS_BYTES_PER_VOCAB = 12.0  # per token at the loss backward: fp32 log-softmax out + grad out + grad in
+CUBLAS_WORKSPACES = 64 * MIB  # two cuBLAS workspaces (forward thread, autograd thread), allocated once
+CUDA_CONTEXT = 0.75 * GIB  # CUDA context and kernels, outside PyTorch's allocator (H100, CUDA 13)
+ALLOCATOR_MARGIN = 0.05  # fragmentation head-room asked on top of the peak allocated bytes
+# --- assumptions for host RAM (not calibrated) ---------------------------------------------------------------
+HOST_PER_PROCESS = 3.0 * GIB  # Python, torch + CUDA libraries, tokenizer and dataset of one training process
+HOST_LOAD_SHARD = 5.0 * GIB  # from_pretrained materialises at most one checkpoint shard at a time
+NF4_BYTES = 0.5  # two 4-bit values per byte
+
+
+@dataclass
+class Breakdown:
+    """Bytes on one GPU at the peak of a step (``phase``), and host RAM. ``allocated`` is what
+    ``torch.cuda.max_memory_allocated`` would report; ``framework`` is the CUDA context plus head-room."""
+
+    phase: str
+    weights: float = 0.0
+    adapter: float = 0.0
+    gradients: float = 0.0
+    optimizer: float = 0.0
+    activations: float = 0.0
+    logits: float = 0.0
+    temporaries: float = 0.0
+    framework: float = 0.0
+    host: dict[str, float] = field(default_factory=dict)
+    paged_optimizer: float = 0.0  # managed memory: uses free GPU memory, spills to host RAM
+
+    @property
+    def allocated(self) -> float:
+        """Peak bytes held by PyTorch's allocator."""
+        return (self.weights + self.adapter + self.gradients + self.optimizer + self.activations + self.logits
+                + self.temporaries)
+
+    @property
+    def total(self) -> float:
+        """Bytes the GPU must have: the allocated peak plus CUDA context and allocator head-room."""
+        return self.allocated + self.framework
+
+    @property
+    def host_total(self) -> float:
+        """Host RAM of the whole machine (all processes)."""
+        return sum(self.host.values())
+
+    def to_dict(self) -> dict[str, float | str | dict[str, float]]:
+        """GiB values, rounded for JSON."""
+        out: dict = {k: (round(v / GIB, 3) if isinstance(v, float) else v) for k, v in asdict(self).items()
+                     if k != "host"}
+        out.update(allocated=round(self.allocated / GIB, 3), total=round(self.total / GIB, 3),
+                   host={k: round(v / GIB, 3) for k, v in self.host.items()},
+                   host_total=round(self.host_total / GIB, 3))
+        return out
+
+
+def weight_bytes_per_param(s: Scenario) -> float:
+    """Bytes per weight of the (frozen) decoder linears: 16-bit, 8-bit or 4-bit with its constants."""
+    if s.quant_bits == 4:
+        constants = (1 / 64 + 4 / (64 * 256)) if s.double_quant else 4 / 64  # absmax per 64-weight block
+        return NF4_BYTES + constants
+    if s.quant_bits == 8:
+        return 1.0
+    return 4.0 if s.precision == "fp32" else 2.0
+
+
+def trainable_params(s: Scenario) -> int:
+    """Parameters that receive gradients."""
+    a = s.arch
+    if s.uses_lora:
+        return a.lora_params(s.lora_rank, s.lora_targets)
+    if s.method == "freeze":
+        return min(s.freeze_layers, a.num_layers) * a.params_per_layer()
+    return a.total_params()
+
+
+def _model_weights(s: Scenario) -> tuple[float, float]:
+    """(frozen weight bytes, trainable weight bytes) of the whole model on one device, before any sharding."""
+    a = s.arch
+    half = 4.0 if s.precision == "fp32" else 2.0
+    master = 2.0 if (s.precision == "pure_bf16" or uses_deepspeed(s)) else 4.0
+    master = 4.0 if s.precision == "fp32" else master
+    norm_bytes = 4.0 if (regime(s, trainable_layer=False).autocast and norms_fp32(s)) else half
+    embeddings = (a.embedding_params + a.lm_head_params) * half
+    if s.method == "full":
+        return 0.0, a.total_params() * master
+    if s.method == "freeze":
+        trained = min(s.freeze_layers, a.num_layers)
+        frozen = embeddings + (a.num_layers - trained) * a.params_per_layer() * half + a.hidden_size * half
+        return frozen, trained * a.params_per_layer() * master
+    linears = a.num_layers * a.linear_params_per_layer()
+    frozen = embeddings + linears * weight_bytes_per_param(s) + a.num_layers * a.small_params_per_layer() * norm_bytes
+    if s.quant_bits == 8:  # fp32 scale per output row
+        frozen += a.num_layers * 4 * sum(out for _, out in a.linear_shapes().values())
+    return frozen, trainable_params(s) * master
+
+
+def _optimizer_bytes(s: Scenario, n_trainable: int) -> tuple[float, float]:
+    """(state bytes, step temporaries) for ``n_trainable`` parameters."""
+    spec = optimizer_spec(s.optim)
+    param_bytes = 2.0 if s.precision == "pure_bf16" else 4.0
+    per_state = spec.bytes_per_state or param_bytes
+    return n_trainable * spec.states * per_state, n_trainable * spec.temp_states * per_state
+
+
+def _activations(s: Scenario) -> tuple[float, float]:
+    """(saved activations at the loss backward, extra bytes at the block backward), for the micro-batch."""
+    a, t = s.arch, s.tokens
+    trained_blocks = min(s.freeze_layers, a.num_layers) if s.method == "freeze" else a.num_layers
+    trainable = s.method in ("full", "freeze")
+    block = block_bytes_per_token(s, trainable_layer=trainable)
+    final_norm = 4 * a.hidden_size
+    if s.gradient_checkpointing:
+        kept = trained_blocks * checkpoint_bytes_per_token(s, trainable_layer=trainable) + final_norm
+        return ACTIVATION_SCALE * kept * t, ACTIVATION_SCALE * 2 * block * t
+    return ACTIVATION_SCALE * (trained_blocks * block + final_norm) * t, 0.0
+
+
+def estimate_memory(s: Scenario) -> Breakdown:
+    """The per-GPU peak and host RAM of one training step of ``s``."""
+    a, n = s.arch, s.num_gpus
+    spec = optimizer_spec(s.optim)
+    frozen, train_w = _model_weights(s)
+    n_train = trainable_params(s)
+    states, step_temp = _optimizer_bytes(s, n_train)
+    grad_bytes = n_train * (2.0 if uses_deepspeed(s) and s.precision != "fp32" else
+                            (train_w / n_train if n_train else 0.0))
+    host: dict[str, float] = {"processes": HOST_PER_PROCESS * n,
+                              "model loading": min(HOST_LOAD_SHARD, frozen + train_w) * n}
+    temporaries = float(CUBLAS_WORKSPACES)
+    master_extra = 0.0  # DeepSpeed keeps a separate fp32 master copy of the trainable weights
+    if uses_deepspeed(s):
+        master_extra = n_train * 4.0 if s.precision != "fp32" else 0.0
+        shard_opt = n  # ZeRO >= 1 partitions the optimizer states (and the fp32 master)
+        states, step_temp, master_extra = states / shard_opt, step_temp / shard_opt, master_extra / shard_opt
+        if s.zero_stage >= 2:
+            grad_bytes /= n
+        temporaries += a.hidden_size**2 * 4.0  # reduce bucket ("auto": hidden^2 elements)
+        if s.offload_optimizer:
+            host["optimizer (ZeRO offload)"] = (states + master_extra + n_train * 4.0 / n) * n
+            states = step_temp = master_extra = 0.0
+        if s.zero_stage == 3:
+            layer = a.params_per_layer() * weight_bytes_per_param(s) + (n_train / a.num_layers) * 2.0
+            head = a.vocab_size * a.hidden_size * (4.0 if s.precision == "fp32" else 2.0)
+            working = max(2 * layer, layer + head) + 0.9 * a.hidden_size**2 * 2.0  # gathered + prefetch bucket
+            if s.offload_params:
+                host["parameters (ZeRO offload)"] = frozen + train_w
+                frozen, train_w = working, 0.0
+            else:
+                frozen, train_w = frozen / n + working, train_w / n
+    elif n > 1:
+        temporaries += grad_bytes  # DDP all-reduce buckets mirror every gradient
+    if spec.paged:
+        host["paged optimizer (when spilled)"] = states
+    paged, states = (states, 0.0) if spec.paged else (0.0, states)
+
+    acts, block_extra = _activations(s)
+    logits = LOGITS_BYTES_PER_VOCAB * a.vocab_size * s.tokens
+    autocast_copies = 0.0
+    r = regime(s, trainable_layer=s.method in ("full", "freeze"))
+    if r.autocast and n_train:
+        copy_params = n_train if s.method in ("full", "freeze") else (0 if s.gradient_checkpointing else n_train)
+        autocast_copies = 2.0 * copy_params  # 16-bit casts of fp32 trainable weights, kept for the backward
+    static = dict(weights=frozen, adapter=train_w + master_extra, optimizer=states)
+    accumulating = grad_bytes if s.grad_accum > 1 else 0.0
+    phases = [
+        Breakdown("loss backward", gradients=accumulating, activations=acts, logits=logits,
+                  temporaries=temporaries + autocast_copies, **static),
+        Breakdown("optimizer step", gradients=grad_bytes, temporaries=temporaries + step_temp, **static),
+    ]
+    if s.gradient_checkpointing:
+        phases.append(Breakdown("block backward", gradients=grad_bytes, activations=acts + block_extra,
+                                temporaries=temporaries + autocast_copies, **static))
+    peak = max(phases, key=lambda b: b.allocated)
+    peak.framework = CUDA_CONTEXT + ALLOCATOR_MARGIN * peak.allocated
+    peak.paged_optimizer = paged
+    peak.host = host
+    return peak
