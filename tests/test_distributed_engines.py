@@ -173,3 +173,28 @@ def test_installed_wheel_ships_the_deepspeed_configs(tmp_path):
     names = zipfile.ZipFile(next(out.glob("*.whl"))).namelist()
     for short in DEEPSPEED_SHORT_NAMES:
         assert f"loraforge/resources/deepspeed/{short}.json" in names
+
+
+@pytest.mark.parametrize("name", ["seed", "z3_offload", "z2"])
+def test_hf_trainer_fills_the_auto_values(name, tiny_qwen3_path):
+    """With DeepSpeed installed, the Trainer's DeepSpeed config takes batch, clipping and fp16 from the config and
+    keeps the seed's dynamic fp16 loss scaling. (CPU CI has no DeepSpeed: checked where it is installed.)"""
+    pytest.importorskip("deepspeed")
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen3_path)  # before the args: ZeRO-3 would wrap the load
+    path = str(SEED_JSON) if name == "seed" else resolve_deepspeed(name)
+    args = TrainingArguments(output_dir="unused", deepspeed=path, fp16=True, per_device_train_batch_size=2,
+                             gradient_accumulation_steps=4, max_grad_norm=0.5, use_cpu=True, report_to="none")
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    try:
+        args.hf_deepspeed_config.trainer_config_finalize(args, model, num_training_steps=10)
+        c = args.hf_deepspeed_config.config
+    finally:
+        unset_hf_deepspeed_config()  # later tests must not see a ZeRO-3 setup
+    assert (c["train_micro_batch_size_per_gpu"], c["gradient_accumulation_steps"], c["train_batch_size"]) == (2, 4, 8)
+    assert c["gradient_clipping"] == 0.5
+    assert c["fp16"]["enabled"] is True and c["bf16"]["enabled"] is False
+    assert c["fp16"]["loss_scale"] == 0 and c["fp16"]["initial_scale_power"] == 16
+    assert "auto" not in json.dumps(c)

@@ -116,3 +116,23 @@ def test_fa2_without_gpu_or_package(tmp_path: Path, tiny_qwen3_path: Path):
                                         ("Qwen/Qwen3-0.6B", False), ("gpt2", False)])
 def test_path_or_hub_id(name: str, local: bool):
     assert looks_like_local_path(name) is local
+
+
+def test_cached_hub_model_resolves_offline(tmp_path: Path, monkeypatch):
+    """A hub id already in cache_dir is found without network, at the requested revision."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    repo = tmp_path / "models--some-org--cached-model"
+    for ref, commit in (("main", "a" * 40), ("v1", "b" * 40)):
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+        snapshot = repo / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        (snapshot / "config.json").write_text(json.dumps({"ref": ref}))
+        (snapshot / "model.safetensors").write_bytes(b"")
+    found = resolve_model_path(model_args(model_name_or_path="some-org/cached-model", cache_dir=str(tmp_path)))
+    assert Path(found) == repo / "snapshots" / ("a" * 40)
+    found = resolve_model_path(model_args(model_name_or_path="some-org/cached-model", cache_dir=str(tmp_path),
+                                          model_revision="v1"))
+    assert json.loads((Path(found) / "config.json").read_text()) == {"ref": "v1"}

@@ -45,6 +45,9 @@ def mix(parts: Sequence[Sequence[T]], strategy: str = "concat", probs: list[floa
     if any(not p for p in parts):
         raise DataError("cannot interleave an empty dataset; remove it from `dataset` or use `mix_strategy: concat`")
     oversample = strategy == "interleave_over"
+    if oversample and probs and min(probs) <= 0:
+        raise DataError("`mix_strategy: interleave_over` needs every `interleave_probs` value > 0 (a dataset never "
+                        "drawn is never exhausted)")
     positions = [0] * len(parts)
     seen_all = [False] * len(parts)
     out: list[T] = []

@@ -65,7 +65,14 @@ def resolve_model_path(model_args: "ModelArguments") -> str:
     if looks_like_local_path(name):
         raise ModelLoadError(f"model_name_or_path: folder {name} does not exist; fix the path, give a hub id "
                              f"such as Qwen/Qwen3-0.6B, {_builtin_hint(name)}")
-    return download(name, model_args, what="model")
+    try:
+        return download(name, model_args, what="model")
+    except ModelLoadError:
+        close = difflib.get_close_matches(name, list(BUILTIN_MODELS), n=1, cutoff=0.6)
+        if close and "/" not in name:  # most likely a misspelt built-in name, not a hub id
+            raise ModelLoadError(f"model_name_or_path: {name} is not a built-in model, a local folder or a cached "
+                                 f"hub model; did you mean the built-in `{close[0]}`?") from None
+        raise
 
 
 def resolve_adapter_path(name: str, model_args: "ModelArguments") -> str:
