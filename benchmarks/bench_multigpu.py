@@ -201,7 +201,8 @@ def run_one(a: argparse.Namespace, name: str, gpus: int, engine_keys: dict, conf
         "tokens_per_s_total": round(gpus * tokens_per_step_per_gpu / step_s, 1),
         "peak_alloc_gib_per_gpu": [r["peak_alloc_gib"] for r in sorted(ranks, key=lambda r: r["rank"])],
         "peak_reserved_gib_per_gpu": [r["peak_reserved_gib"] for r in sorted(ranks, key=lambda r: r["rank"])],
-        "tokens_seen_reported": ranks[0]["tokens_seen"],
+        "tokens_seen_reported": ranks[0]["tokens_seen"],  # all ranks, warm-up included: checks sample lengths
+        "tokens_seen_expected": gpus * tokens_per_step_per_gpu * (a.warmup + a.steps),
     }
 
 

@@ -109,6 +109,12 @@ def test_only_rank_zero_writes_and_logs(runs):
     assert log.count("gloo process group: 2 CPU processes, ddp_timeout 900 s") == 1
 
 
+def test_every_rank_uses_one_data_cache(runs):
+    """Rank 0 tokenizes and caches first; rank 1 (and the one-process run, same data keys) reuse that entry."""
+    entries = [p for p in (runs["base"] / "cache").iterdir() if p.is_dir()]
+    assert len(entries) == 1, sorted(p.name for p in (runs["base"] / "cache").iterdir())
+
+
 def test_resume_across_the_two_process_run(runs):
     """Resume the two-process run from its step-2 checkpoint: steps 3-4 repeat the uninterrupted run's losses."""
     resumed = runs["base"] / "resumed"

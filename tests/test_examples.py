@@ -25,13 +25,14 @@ def test_there_are_examples():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_example_validates(path, monkeypatch):
     monkeypatch.chdir(EXAMPLES.parent)  # examples use paths relative to the repository root
-    cfg = load_config(path, purpose="train", build_training_args=False)
+    cfg = load_config(path, purpose="train", build_training_args=False, check_environment=False)
     assert cfg.model.model_name_or_path and cfg.data.dataset
 
 
 def test_seed_a_matches_the_seed_setup(monkeypatch):
     monkeypatch.chdir(EXAMPLES.parent)
-    cfg = load_config(EXAMPLES / "qwen3_14b_qlora4_4gpu_zero3.yaml", purpose="train", build_training_args=False)
+    cfg = load_config(EXAMPLES / "qwen3_14b_qlora4_4gpu_zero3.yaml", purpose="train", build_training_args=False,
+                      check_environment=False)
     e, f, d, m = cfg.explicit, cfg.finetuning, cfg.data, cfg.model
     assert (m.quantization_bit, f.lora_rank, f.lora_alpha, f.lora_dropout, f.lora_target) == (4, 16, 32, 0.1, "all")
     assert (d.template, d.cutoff_len, d.max_samples, d.val_size) == ("chatml", 2048, 200, 0.1)

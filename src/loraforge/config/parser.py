@@ -158,12 +158,14 @@ def load_config(
     *,
     purpose: str = "train",
     build_training_args: bool = True,
+    check_environment: bool = True,
 ) -> RunConfig:
     """Build and validate the run config. Raises :class:`ConfigError` listing every problem at once.
 
     ``purpose`` (train, predict, eval, chat, api, export, data, estimate) selects which keys are required.
     ``build_training_args=False`` skips constructing the HF ``TrainingArguments`` (which initialises devices),
-    e.g. to decide on a torchrun relaunch first.
+    e.g. to decide on a torchrun relaunch first. ``check_environment=False`` validates the config alone
+    (e.g. a 4-GPU DeepSpeed config on a laptop), without asking whether this machine can run it.
     """
     if purpose not in PURPOSES:
         raise ValueError(f"unknown purpose {purpose!r}")
@@ -230,7 +232,7 @@ def load_config(
 
     from .validate import check  # late import: validate reads the other packages' registries
 
-    problems += check(cfg, values["training"], purpose)
+    problems += check(cfg, values["training"], purpose, environment=check_environment)
     if problems:
         raise ConfigError(problems, source=source)
     if build_training_args:

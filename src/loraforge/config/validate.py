@@ -27,8 +27,11 @@ def _known_template(name: str) -> tuple[bool, list[str]]:
     return name in names, names
 
 
-def check(cfg: "RunConfig", training: dict[str, Any], purpose: str) -> list[str]:
-    """Return every cross-field problem of ``cfg`` for ``purpose``; empty when the config is usable."""
+def check(cfg: "RunConfig", training: dict[str, Any], purpose: str, *, environment: bool = True) -> list[str]:
+    """Return every cross-field problem of ``cfg`` for ``purpose``; empty when the config is usable.
+
+    ``environment=False`` checks the config alone, not whether this machine can run it (GPUs, DeepSpeed).
+    """
     p: list[str] = []
     m, d, f, g, e = cfg.model, cfg.data, cfg.finetuning, cfg.generation, cfg.export
     if not m.model_name_or_path:
@@ -120,9 +123,10 @@ def check(cfg: "RunConfig", training: dict[str, Any], purpose: str) -> list[str]
         ds = training.get("deepspeed")
         if isinstance(ds, str) and ds not in DEEPSPEED_SHORT_NAMES and not Path(ds).is_file():
             p.append(f"`deepspeed: {ds}` is neither a JSON file nor a short name ({', '.join(DEEPSPEED_SHORT_NAMES)})")
-        from ..train.distributed import distributed_problems  # multi-GPU engines: refused before launch
+        if environment:  # multi-GPU engines vs this machine (GPUs, DeepSpeed installed): refused before launch
+            from ..train.distributed import distributed_problems
 
-        p += distributed_problems(cfg, training)
+            p += distributed_problems(cfg, training)
         resume = training.get("resume_from_checkpoint")
         if isinstance(resume, str) and resume.lower() not in ("true", "last") and not Path(resume).is_dir():
             p.append(f"`resume_from_checkpoint: {resume}` is not a folder; give a checkpoint folder, or `true` "

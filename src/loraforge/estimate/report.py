@@ -63,7 +63,7 @@ def summary_lines(est: "Estimate") -> list[str]:
     """The full terminal report."""
     b = est.breakdown
     lines = scenario_line(est)
-    width = 46
+    width = 58
     lines.append(f"  per GPU, at the peak ({b.phase}):".ljust(width + 2) + "GiB")
     for label, value in _rows(est):
         lines.append(f"    {label}".ljust(width) + f"{value / GIB:8.2f}")

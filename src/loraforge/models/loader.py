@@ -152,9 +152,11 @@ def _device_map(model_args: "ModelArguments", quantized: bool, sharded: bool) ->
 
     if sharded:
         return None
+    if model_args.quantization_device_map:  # e.g. "auto": spread a large model over the visible GPUs
+        return model_args.quantization_device_map
     if quantized:
         return {"": int(os.environ.get("LOCAL_RANK", "0"))} if _has_cuda() else {"": "cpu"}
-    return model_args.quantization_device_map  # None unless the user asked for e.g. "auto"
+    return None
 
 
 def _load_weights(path: str, config: Any, cfg: "RunConfig", dtype: "torch.dtype", quant: Any, sharded: bool) -> Any:

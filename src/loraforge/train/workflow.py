@@ -144,6 +144,10 @@ def run_train(cfg: RunConfig, *, extra_callbacks: list | None = None) -> TrainOu
     result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(result.metrics)
     metrics["skipped_nonfinite_steps"] = guard.total_skipped
+    import torch
+
+    if torch.cuda.is_available():
+        metrics["train_peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     if interrupt.received:
         ckpt = str(output_dir / f"checkpoint-{trainer.state.global_step}")
         logger.warning("stopped by %s at step %d; checkpoint %s. Continue with: resume_from_checkpoint=true",
