@@ -136,6 +136,16 @@ def bench_convert(folder: Path, lines: int) -> dict:
             "rss_after_imports_mib": round(base_kib / 1024, 1), "peak_rss_mib": round(peak_kib / 1024, 1)}
 
 
+def contention_note(results: dict) -> str:
+    """Say when the machine was busy: wall-clock rates then understate what the code does per core."""
+    load = max(results["load_average_at_start"][0], results["load_average_at_end"][0])
+    cpus = results["cpu_count"] or 1
+    if load <= cpus:
+        return f"machine quiet enough (load {load:g} on {cpus} cores): wall-clock rates are representative"
+    return (f"machine shared (load average {load:g} on {cpus} cores): wall-clock samples/s are depressed and the "
+            "2-worker speed-up is hidden; samples_per_cpu_s is the per-core rate (ideal N-worker wall rate ~ N x it)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num", type=int, default=100_000, help="Conversations to generate (default 100000).")
@@ -172,6 +182,7 @@ def main() -> None:
             results["convert"] = bench_convert(Path(tmp), args.convert_lines)
             print(results["convert"], flush=True)
     results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["note"] = contention_note(results)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))

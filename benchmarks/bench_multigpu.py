@@ -42,10 +42,11 @@ QWEN3 = {  # published Qwen3 shapes; "toy" only exercises the script on a CPU
                 num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
 }
 ENGINES = {  # engine -> loraforge config keys (the same keys a user writes in the YAML)
-    "ddp": {"ddp_find_unused_parameters": False},
+    "ddp": {},  # what users get by default (HF: find_unused_parameters on for a peft model)
+    "ddp_static": {"ddp_find_unused_parameters": False},  # no unused-parameter search each step
     "zero3": {"deepspeed": "z3"},
     "zero3_offload": {"deepspeed": "z3_offload"},
-    "fsdp_qlora": {"fsdp": "full_shard auto_wrap", "fsdp_config": str(REPO / "examples" / "fsdp" / "fsdp1_qlora.json")},
+    "fsdp_qlora": {"fsdp": True, "fsdp_config": str(REPO / "examples" / "fsdp" / "fsdp1_qlora.json")},
 }
 WORDS = "the of and to in is was for on with as by at from that this be are it an or which".split()
 

@@ -223,3 +223,16 @@ def test_real_template_trains_exactly_the_answers(data_dir, tiny_qwen3_path, nam
     trained = qwen_tok.decode([t for t, lab in zip(row["input_ids"], row["labels"]) if lab != -100])
     assert "Hi 3" not in trained and "Hello 3!<|im_end|>" in trained and trained.rstrip().endswith("Bye 3.<|im_end|>")
     assert "<|im_start|>" not in trained and "user" not in trained
+
+
+def test_interleave_over_refuses_a_zero_probability():
+    with pytest.raises(DataError, match="> 0"):
+        mix([[1], [2]], "interleave_over", [1.0, 0.0])
+
+
+def test_tokenized_path_is_saved_then_loaded(data_dir, tok):
+    path = data_dir.parent / "tokenized"
+    first = build_datasets(_cfg(data_dir, tokenized_path=str(path)), tok, FakeChatML())
+    assert first.report.cache.startswith("built") and (path / "train").is_dir()
+    again = build_datasets(_cfg(data_dir, tokenized_path=str(path)), tok, FakeChatML())
+    assert again.report.cache == f"loaded from {path}" and len(again.train) == 40

@@ -131,3 +131,29 @@ def test_neat_packed_loss_equals_token_weighted_mean_of_separate_losses(tiny_qwe
         plain_loss = model(**plain).loss.item()
     assert packed_loss == pytest.approx(total / count, abs=1e-5)
     assert abs(plain_loss - total / count) > 1e-4
+
+
+def test_to_dataset_splits_huge_columns_into_arrow_chunks(monkeypatch):
+    import loraforge.data.encoding as encoding
+
+    monkeypatch.setattr(encoding, "MAX_CHUNK_VALUES", 4)
+    enc = _encoded([[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]])
+    ds = enc.to_dataset(position_ids=np.arange(10))
+    assert ds["input_ids"][:] == [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]]
+    assert ds.data["labels"].num_chunks > 1 and ds["position_ids"][2] == [5, 6, 7, 8]
+
+
+def test_build_collator_follows_the_config():
+    from loraforge.config import load_config
+    from loraforge.data.collator import build_collator
+    from test_data_fakes import char_tokenizer
+
+    tok = char_tokenizer()
+    base = {"model_name_or_path": "unused", "dataset": "d"}
+    plain = build_collator(load_config(base, purpose="data", build_training_args=False), tok)
+    assert isinstance(plain, PaddingCollator) and plain.pad_token_id == tok.pad_token_id
+    neat = build_collator(load_config({**base, "neat_packing": True}, purpose="data", build_training_args=False), tok)
+    assert isinstance(neat, NeatPackingCollator) and not neat.flatten  # no flash-attention on this machine
+    fa2 = build_collator(load_config({**base, "neat_packing": True, "flash_attn": "fa2"}, purpose="data",
+                                     build_training_args=False), tok)
+    assert fa2.flatten  # flash-attention only finds the boundaries in a single flattened row

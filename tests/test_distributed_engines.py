@@ -131,6 +131,8 @@ def test_combinations_that_cannot_work_are_refused(data_dir, gpu_box, keys, expe
 def test_fsdp_qlora_with_fsdp1_example_passes(data_dir, gpu_box):
     fsdp1 = REPO / "examples" / "fsdp" / "fsdp1_qlora.json"
     _check(data_dir, fsdp="full_shard auto_wrap", fsdp_config=str(fsdp1), quantization_bit=4, bf16=True)
+    _check(data_dir, fsdp=True, fsdp_config=str(fsdp1), quantization_bit=4, bf16=True)
+    assert "FSDP-QLoRA needs FSDP1" in _problems(data_dir, fsdp=True, quantization_bit=4)
     _check(data_dir, quantization_bit=4, quantization_device_map="auto", nproc_per_node=1)  # one process, split
 
 
@@ -198,3 +200,16 @@ def test_hf_trainer_fills_the_auto_values(name, tiny_qwen3_path):
     assert c["fp16"]["enabled"] is True and c["bf16"]["enabled"] is False
     assert c["fp16"]["loss_scale"] == 0 and c["fp16"]["initial_scale_power"] == 16
     assert "auto" not in json.dumps(c)
+
+
+def test_config_only_validation_skips_the_machine_but_not_the_config(data_dir, monkeypatch):
+    """`check_environment=False` (e.g. checking a 4-GPU config on a laptop) still refuses impossible setups."""
+    monkeypatch.setattr(distributed, "deepspeed_installed", lambda: False)
+    monkeypatch.setattr(distributed, "cuda_device_count", lambda: 0)
+    base = {"model_name_or_path": "tiny-random-qwen3", "dataset": "d", "dataset_dir": str(data_dir)}
+    load_config({**base, "deepspeed": "z3_offload", "quantization_bit": 4, "nproc_per_node": 4}, purpose="train",
+                build_training_args=False, check_environment=False)
+    with pytest.raises(ConfigError) as err:
+        load_config({**base, "deepspeed": "z3", "quantization_bit": 8}, purpose="train", build_training_args=False,
+                    check_environment=False)
+    assert len(err.value.problems) == 1 and "ZeRO-3" in err.value.problems[0]

@@ -99,10 +99,11 @@ def test_compare_base_adapter_merged(tiny_qwen3_path, data_dir, variants_dir, tm
     # the adapter changes the answers; merging it gives the same model
     assert preds["lora"] != preds["base"]
     assert preds["lora"] == preds["merged"]
-    # memory: the unmerged adapter adds its LoRA weights; the merged model is the base's size
+    # memory: the loader folds an adapter into the weights for inference, so all three hold the base's bytes
     mem = {r["variant"]: r["memory"] for r in rows}
-    assert mem["merged"]["weights_mb"] == pytest.approx(mem["base"]["weights_mb"], rel=1e-3)
-    assert mem["lora"]["weights_mb"] > mem["base"]["weights_mb"]
+    tiny_bytes = 151936 * 64 * 4  # the tied embedding alone, fp32
+    for m in mem.values():
+        assert m["weights_mb"] == pytest.approx(mem["base"]["weights_mb"]) and m["weights_mb"] > tiny_bytes / 2**20
     assert all(m["rss_mb"] > 0 and m["cuda_allocated_mb"] is None for m in mem.values())
 
     table = (out / "compare" / "comparison.md").read_text()

@@ -25,6 +25,8 @@ def _one_torch_thread():
     torch.set_num_threads(previous)
 
 
+# Greedy; the penalty keeps the random tiny model from answering only newlines, so answers differ per prompt.
+PENALTY = 1.5
 ROWS = [
     {"instruction": "Add the numbers.", "input": "2 and 3", "output": "The sum is 5."},
     {"instruction": "Translate to French.", "input": "cat", "output": "chat"},
@@ -48,7 +50,7 @@ def data_dir(tmp_path_factory) -> Path:
 def make_cfg(tiny_qwen3_path, data_dir, out: Path, **extra):
     raw = {"model_name_or_path": str(tiny_qwen3_path), "template": "qwen3", "eval_dataset": "demo_eval",
            "dataset_dir": str(data_dir), "output_dir": str(out), "max_new_tokens": 6, "predict_batch_size": 3,
-           "data_cache_dir": str(out.parent / "cache"), **extra}
+           "data_cache_dir": str(out.parent / "cache"), "repetition_penalty": PENALTY, **extra}
     return load_config(raw, purpose="predict")
 
 
@@ -78,6 +80,7 @@ def test_predict_rows_metrics_and_batched_equals_single(tiny_qwen3_path, data_di
     cfg = make_cfg(tiny_qwen3_path, data_dir, out)
     metrics = run_predict(cfg, model, tokenizer)
     rows = _rows(out)
+    assert len({r["predict"] for r in rows}) > 3
     assert [r["index"] for r in rows] == list(range(len(ROWS)))
     assert [r["label"] for r in rows] == [r["output"] for r in ROWS]
     assert rows[2]["prompt"].startswith("<|im_start|>user\n把这句话翻译成英文。")
@@ -85,7 +88,8 @@ def test_predict_rows_metrics_and_batched_equals_single(tiny_qwen3_path, data_di
     # the same greedy answers as generating one sample at a time without padding
     for r in rows:
         ids = tokenizer(r["prompt"], add_special_tokens=False, return_tensors="pt").input_ids
-        new = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=[151645, 151643])[0, ids.shape[1]:]
+        new = model.generate(ids, max_new_tokens=6, do_sample=False, repetition_penalty=PENALTY,
+                             eos_token_id=[151645, 151643])[0, ids.shape[1]:]
         new = [t for t in new.tolist() if t not in (151645, 151643)]
         assert r["predict"] == tokenizer.decode(new, skip_special_tokens=True)
     # metrics: the recomputed scores of the written rows, plus timing

@@ -31,9 +31,19 @@ TEXT = ("The history of the printing press begins in the fifteenth century. Joha
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One compute thread for torch (and llama.cpp below): on a shared 2-core machine, spinning thread pools
+    make these small models 10-20x slower than a single thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def load_llama(path: Path, **kw):
     return llama_cpp.Llama(model_path=str(path), n_ctx=512, n_batch=512, logits_all=True, verbose=False,
-                           n_threads=2, **kw)
+                           n_threads=1, n_threads_batch=1, **kw)
 
 
 def llama_logits(llm, ids: list[int]) -> np.ndarray:

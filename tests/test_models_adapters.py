@@ -32,8 +32,7 @@ def logits(model) -> torch.Tensor:
 def train_and_save(tmp_path: Path, name: str, seed: int, **keys) -> tuple[Path, torch.Tensor]:
     cfg = cfg_for(tmp_path, **keys)
     torch.manual_seed(seed)
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg, tokenizer, is_trainable=True)
+    model = load_model(cfg, tokenizer_for(cfg), is_trainable=True)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
     for _ in range(3):
         model(input_ids=INPUTS, labels=INPUTS).loss.backward()
@@ -46,14 +45,24 @@ def train_and_save(tmp_path: Path, name: str, seed: int, **keys) -> tuple[Path, 
 
 def load_for_inference(tmp_path: Path, adapters: str, **keys):
     cfg = cfg_for(tmp_path, purpose="chat", adapter_name_or_path=adapters, **keys)
-    return load_model(cfg, load_tokenizer(cfg.model), is_trainable=False)
+    return load_model(cfg, tokenizer_for(cfg), is_trainable=False)
+
+
+_TOKENIZER: list = []
+
+
+def tokenizer_for(cfg):
+    """tiny-random-qwen3's tokenizer, loaded once per module (these tests add no tokens)."""
+    if not _TOKENIZER:
+        _TOKENIZER.append(load_tokenizer(cfg.model))
+    return _TOKENIZER[0]
 
 
 @pytest.fixture(scope="module")
 def base_logits(tmp_path_factory) -> torch.Tensor:
     tmp = tmp_path_factory.mktemp("base")
     cfg = cfg_for(tmp, purpose="chat")
-    return logits(load_model(cfg, load_tokenizer(cfg.model), is_trainable=False))
+    return logits(load_model(cfg, tokenizer_for(cfg), is_trainable=False))
 
 
 def test_saved_adapter_reloads_and_reproduces_logits(tmp_path: Path, base_logits: torch.Tensor):
@@ -70,7 +79,7 @@ def test_saved_adapter_reloads_and_reproduces_logits(tmp_path: Path, base_logits
 def test_adapter_resumes_training_with_its_weights(tmp_path: Path):
     folder, trained = train_and_save(tmp_path, "adapter", seed=0)
     cfg = cfg_for(tmp_path, adapter_name_or_path=str(folder), lora_rank=16)  # the saved rank wins
-    model = load_model(cfg, load_tokenizer(cfg.model), is_trainable=True)
+    model = load_model(cfg, tokenizer_for(cfg), is_trainable=True)
     assert model.peft_config["default"].r == 4
     assert summarize_model(model).trainable_params > 0
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
@@ -83,7 +92,7 @@ def test_stacked_adapters_merge_then_new_adapter(tmp_path: Path):
     second, second_logits = train_and_save(tmp_path, "second", seed=1, adapter_name_or_path=str(first),
                                            create_new_adapter=True)
     cfg = cfg_for(tmp_path, adapter_name_or_path=str(first), create_new_adapter=True)
-    fresh = load_model(cfg, load_tokenizer(cfg.model), is_trainable=True)
+    fresh = load_model(cfg, tokenizer_for(cfg), is_trainable=True)
     torch.testing.assert_close(logits(fresh), first_logits, atol=2e-5, rtol=1e-4)
     # inference with both: first merged, second applied; equals what the second run ended with
     both = load_for_inference(tmp_path, f"{first},{second}")
@@ -105,7 +114,7 @@ def test_pissa_adapter_reloads_and_converts_to_plain_lora(tmp_path: Path):
     from loraforge.models.builtin import resolve_builtin
 
     cfg = cfg_for(tmp_path, pissa_init=True, pissa_iter=4)
-    model = load_model(cfg, load_tokenizer(cfg.model), is_trainable=True)
+    model = load_model(cfg, tokenizer_for(cfg), is_trainable=True)
     initial = save_pissa_initial(model, str(tmp_path / "out"))
     assert initial is not None
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)

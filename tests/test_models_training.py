@@ -23,8 +23,20 @@ def make(tmp_path: Path, **keys):
     values.update(keys)
     cfg = load_config(values, [], purpose="train")
     torch.manual_seed(0)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = tokenizer_for(cfg)
     return cfg, tokenizer, load_model(cfg, tokenizer, is_trainable=True)
+
+
+_PLAIN_TOKENIZER: list = []
+
+
+def tokenizer_for(cfg):
+    """The stock tokenizer is loaded once per module (0.5 s each time); one with added tokens is loaded afresh."""
+    if cfg.model.add_tokens or cfg.model.add_special_tokens:
+        return load_tokenizer(cfg.model)
+    if not _PLAIN_TOKENIZER:
+        _PLAIN_TOKENIZER.append(load_tokenizer(cfg.model))
+    return _PLAIN_TOKENIZER[0]
 
 
 def batch():

@@ -211,3 +211,39 @@ def test_unknown_route_and_malformed_json(base_url):
     assert status == 404 and body["error"]["type"] == "not_found_error"
     status, body = _raw(base_url + "/chat/completions", {"Authorization": f"Bearer {KEY}"}, body=b"{not json")
     assert status == 400 and body["error"]["type"] == "invalid_request_error"
+
+
+def test_cli_api_binds_loopback_and_takes_key_from_env(tiny_qwen3_path, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "LORAFORGE_API_KEY": "env-key"}
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "loraforge.cli", "api", f"model_name_or_path={tiny_qwen3_path}",
+                             "template=qwen3", "max_new_tokens=4", "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if _raw(url + "/health")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.3)
+        assert proc.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+        status, body = _raw(url + "/v1/models", {"Authorization": "Bearer env-key"})
+        assert status == 200 and body["data"][0]["id"] == "tiny-random-qwen3"
+        assert _raw(url + "/v1/models")[0] == 401
+        c = openai.OpenAI(base_url=url + "/v1", api_key="env-key", max_retries=0, timeout=60)
+        resp = c.chat.completions.create(model="tiny-random-qwen3", messages=[{"role": "user", "content": "hi"}])
+        assert resp.usage.completion_tokens == 4  # max_new_tokens from the command line is the default
+        assert "serving tiny-random-qwen3 at http://127.0.0.1:" in (tmp_path / "server.log").read_text()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()

@@ -51,8 +51,9 @@ def _setup_logging() -> None:
     logging.basicConfig(level=level, format="[loraforge] %(message)s", stream=sys.stderr)
     for noisy in ("httpx", "urllib3", "filelock", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # bitsandbytes warns on CPUs with AVX512-BF16 that an optional hub kernel is missing; the built-in one is used.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    from .models.quantization import quiet_bitsandbytes_logs
+
+    quiet_bitsandbytes_logs()  # an optional hub kernel note on AVX512-BF16 CPUs; a per-forward 8-bit cast note
 
 
 def main(argv: list[str] | None = None) -> int:

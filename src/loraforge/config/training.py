@@ -32,6 +32,8 @@ class TrainingArguments(Seq2SeqTrainingArguments):
     resume_from_checkpoint: Optional[Union[bool, str]] = arg(
         None, "Resume from this checkpoint folder, or `true` for the newest complete checkpoint in output_dir.")
     nproc_per_node: Optional[int] = arg(None, "Processes (GPUs) per node; >1 relaunches under torchrun.")
+    fsdp: Optional[Union[bool, str]] = arg(None, "FSDP through accelerate: true (tuned by fsdp_config, e.g. "
+                                           "examples/fsdp/fsdp1_qlora.json) or legacy options 'full_shard auto_wrap'.")
 
     def __post_init__(self):
         if self.warmup_ratio and not self.warmup_steps:

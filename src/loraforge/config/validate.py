@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .training import DEEPSPEED_SHORT_NAMES
+from .training import DEEPSPEED_SHORT_NAMES, TrainingArguments
 
 if TYPE_CHECKING:
     from .parser import RunConfig
@@ -123,10 +124,9 @@ def check(cfg: "RunConfig", training: dict[str, Any], purpose: str, *, environme
         ds = training.get("deepspeed")
         if isinstance(ds, str) and ds not in DEEPSPEED_SHORT_NAMES and not Path(ds).is_file():
             p.append(f"`deepspeed: {ds}` is neither a JSON file nor a short name ({', '.join(DEEPSPEED_SHORT_NAMES)})")
-        if environment:  # multi-GPU engines vs this machine (GPUs, DeepSpeed installed): refused before launch
-            from ..train.distributed import distributed_problems
+        from ..train.distributed import distributed_problems  # multi-GPU setups refused before launch
 
-            p += distributed_problems(cfg, training)
+        p += distributed_problems(cfg, training, environment=environment)  # environment: GPUs, DeepSpeed installed
         resume = training.get("resume_from_checkpoint")
         if isinstance(resume, str) and resume.lower() not in ("true", "last") and not Path(resume).is_dir():
             p.append(f"`resume_from_checkpoint: {resume}` is not a folder; give a checkpoint folder, or `true` "
@@ -166,7 +166,9 @@ def adjust_training_values(cfg: "RunConfig", values: dict[str, Any]) -> dict[str
     for key in ("gradient_checkpointing", "activation_checkpointing"):
         if values.pop(key, None) is False:
             cfg.model.disable_gradient_checkpointing = True
-    values["activation_checkpointing"] = False
+    # transformers >= 5.2x renamed gradient_checkpointing to activation_checkpointing; set whichever exists
+    hf_fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    values["activation_checkpointing" if "activation_checkpointing" in hf_fields else "gradient_checkpointing"] = False
     if "deepspeed" in values:
         values["deepspeed"] = resolve_deepspeed(values["deepspeed"])
     if not torch.cuda.is_available():

@@ -77,10 +77,10 @@ def _zero(s: Scenario, gpu_gib: float) -> Iterator[Candidate]:
                 t = replace(s, zero_stage=stage)
                 yield (f"DeepSpeed ZeRO-{stage} across the {s.num_gpus} GPUs", (f"deepspeed=z{stage}",),
                        "more communication, same results", t)
-    if not s.offload_optimizer:
-        t = replace(s, zero_stage=max(s.zero_stage, 2), offload_optimizer=True)
-        yield ("DeepSpeed ZeRO with optimizer offload to CPU", ("deepspeed=z2_offload",) if t.zero_stage == 2 else
-               ("deepspeed=z3_offload",), "slower steps, more host RAM", t)
+    if not s.offload_optimizer and s.zero_stage <= 2:
+        t = replace(s, zero_stage=2, offload_optimizer=True)
+        yield ("DeepSpeed ZeRO-2 with optimizer offload to CPU", ("deepspeed=z2_offload",),
+               "slower steps, more host RAM", t)
     if not s.offload_params:
         t = replace(s, zero_stage=3, offload_optimizer=True, offload_params=True)
         yield ("DeepSpeed ZeRO-3 with parameter and optimizer offload to CPU", ("deepspeed=z3_offload",),

@@ -118,11 +118,21 @@ def _model_weights(s: Scenario) -> tuple[float, float]:
 
 
 def _optimizer_bytes(s: Scenario, n_trainable: int) -> tuple[float, float]:
-    """(state bytes, step temporaries) for ``n_trainable`` parameters."""
+    """(state bytes, step temporaries) for ``n_trainable`` parameters.
+
+    With a bitsandbytes 8-bit optimizer the Trainer keeps 32-bit states for ``nn.Embedding`` weights."""
     spec = optimizer_spec(s.optim)
     param_bytes = 2.0 if s.precision == "pure_bf16" else 4.0
     per_state = spec.bytes_per_state or param_bytes
-    return n_trainable * spec.states * per_state, n_trainable * spec.temp_states * per_state
+    states = n_trainable * spec.states * per_state
+    if per_state < 4 and s.method == "full":
+        states += s.arch.embedding_params * spec.states * (4.0 - per_state)
+    return states, n_trainable * spec.temp_states * per_state
+
+
+def activation_bytes(s: Scenario) -> float:
+    """Saved activations (or checkpoints) of one micro-batch at the loss backward."""
+    return _activations(s)[0]
 
 
 def _activations(s: Scenario) -> tuple[float, float]:
@@ -136,6 +146,17 @@ def _activations(s: Scenario) -> tuple[float, float]:
         kept = trained_blocks * checkpoint_bytes_per_token(s, trainable_layer=trainable) + final_norm
         return ACTIVATION_SCALE * kept * t, ACTIVATION_SCALE * 2 * block * t
     return ACTIVATION_SCALE * (trained_blocks * block + final_norm) * t, 0.0
+
+
+def _autocast_copies(s: Scenario, n_train: int) -> tuple[float, float]:
+    """16-bit casts of fp32 trainable weights under autocast: (all of them, cached until the forward ends;
+    those saved for the backward). Checkpointed blocks drop their casts; embeddings/lm_head are outside them."""
+    if not n_train or not regime(s, trainable_layer=s.method in ("full", "freeze")).autocast:
+        return 0.0, 0.0
+    if not s.gradient_checkpointing:
+        return 2.0 * n_train, 2.0 * n_train
+    outside = s.arch.embedding_params + s.arch.lm_head_params if s.method == "full" else 0
+    return 2.0 * n_train, 2.0 * outside
 
 
 def estimate_memory(s: Scenario) -> Breakdown:
@@ -178,21 +199,19 @@ def estimate_memory(s: Scenario) -> Breakdown:
 
     acts, block_extra = _activations(s)
     logits = LOGITS_BYTES_PER_VOCAB * a.vocab_size * s.tokens
-    autocast_copies = 0.0
-    r = regime(s, trainable_layer=s.method in ("full", "freeze"))
-    if r.autocast and n_train:
-        copy_params = n_train if s.method in ("full", "freeze") else (0 if s.gradient_checkpointing else n_train)
-        autocast_copies = 2.0 * copy_params  # 16-bit casts of fp32 trainable weights, kept for the backward
+    cache, saved_copies = _autocast_copies(s, n_train)
     static = dict(weights=frozen, adapter=train_w + master_extra, optimizer=states)
     accumulating = grad_bytes if s.grad_accum > 1 else 0.0
     phases = [
+        Breakdown("forward end", gradients=accumulating, activations=acts, logits=logits * 10 / 12,
+                  temporaries=temporaries + cache, **static),
         Breakdown("loss backward", gradients=accumulating, activations=acts, logits=logits,
-                  temporaries=temporaries + autocast_copies, **static),
+                  temporaries=temporaries + saved_copies, **static),
         Breakdown("optimizer step", gradients=grad_bytes, temporaries=temporaries + step_temp, **static),
     ]
     if s.gradient_checkpointing:
         phases.append(Breakdown("block backward", gradients=grad_bytes, activations=acts + block_extra,
-                                temporaries=temporaries + autocast_copies, **static))
+                                temporaries=temporaries + saved_copies, **static))
     peak = max(phases, key=lambda b: b.allocated)
     peak.framework = CUDA_CONTEXT + ALLOCATOR_MARGIN * peak.allocated
     peak.paged_optimizer = paged

@@ -23,8 +23,8 @@ def _rows(est: "Estimate") -> list[tuple[str, float]]:
     s, b = est.scenario, est.breakdown
     r = regime(s, trainable_layer=s.method in ("full", "freeze"))
     if s.quant_bits:
-        weights = f"weights ({s.quant_bits}-bit linears, 16-bit embeddings" + (", fp32 norms)" if norms_fp32(s)
-                                                                                else ")")
+        fp32_norms = norms_fp32(s) and regime(s, trainable_layer=False).autocast
+        weights = f"weights ({s.quant_bits}-bit linears, 16-bit embeddings" + (", fp32 norms)" if fp32_norms else ")")
     elif s.method == "full":
         weights = "weights (none frozen)"
     else:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .model import CUDA_CONTEXT, LOGITS_BYTES_PER_VOCAB, estimate_memory, trainable_params
+from .model import CUDA_CONTEXT, LOGITS_BYTES_PER_VOCAB, activation_bytes, estimate_memory, trainable_params
 from .scenario import Scenario
 
 GB = 1e9
@@ -55,15 +55,19 @@ def _explain(method: str, s: Scenario) -> list[str]:
     a = s.arch
     b = estimate_memory(s)
     share = trainable_params(s) / a.total_params()
-    tokens = s.tokens
+    acts = activation_bytes(s)
+    logits = LOGITS_BYTES_PER_VOCAB * a.vocab_size * s.tokens
     common = [
-        f"activations: {b.activations / GB:.2f} GB for {tokens} tokens "
+        f"activations: {acts / GB:.2f} GB for {s.tokens} tokens "
         f"({'checkpoints only' if s.gradient_checkpointing else 'every block keeps its saved tensors'}); "
         "the textbook has none",
         f"logits/loss: {LOGITS_BYTES_PER_VOCAB:g} B x {a.vocab_size} vocabulary entries per token = "
-        f"{b.logits / GB:.2f} GB (fp32 log-softmax, its gradient and the input gradient at the loss backward)",
+        f"{logits / GB:.2f} GB (fp32 log-softmax, its gradient and the input gradient at the loss backward)",
         f"framework: CUDA context {CUDA_CONTEXT / GB:.2f} GB, allocator margin and cuBLAS workspaces",
     ]
+    if b.phase == "optimizer step":
+        common[:2] = [f"the peak is the optimizer step, when activations ({acts / GB:.2f} GB) and logits "
+                      f"({logits / GB:.2f} GB) are already freed; they count at the loss backward instead"]
     if method == "full":
         head = [f"mixed precision keeps fp32 master weights, fp32 gradients and fp32 Adam moments: 4 + 4 + 8 = "
                 f"16 B per parameter (not 8), plus a 4 B temporary in the foreach AdamW step "
@@ -109,8 +113,8 @@ def textbook_report(s: Scenario) -> dict[str, Any]:
 
 def textbook_lines(report: dict[str, Any]) -> list[str]:
     """The textbook report for the terminal."""
-    lines = ["textbook view (GB = 10^9 bytes; bytes per parameter only):"]
-    lines += ["  " + ln for ln in report["assumptions"].splitlines()]
+    lines = ["textbook view:"]
+    lines += ["  " + ln if ln else "" for ln in report["assumptions"].splitlines()]
     lines.append(f"  realistic: {report['model']} ({report['model_params'] / 1e9:.2f}B parameters), "
                  f"{report['tokens']} tokens per micro-batch")
     lines.append("  method    textbook 1B   textbook this model   realistic")

@@ -118,7 +118,7 @@ def run_compare(cfg: "RunConfig", variants: Sequence[Variant], *, output_dir: st
         before = rss_mb()
         tokenizer = load_tokenizer(vcfg.model)
         model = load_model(vcfg, tokenizer, is_trainable=False)
-        memory = {"weights_mb": round(weights_mb(model), 1), "rss_mb": round(rss_mb(), 1),
+        memory = {"weights_mb": round(weights_mb(model), 3), "rss_mb": round(rss_mb(), 1),
                   "rss_delta_mb": round(rss_mb() - before, 1), "cuda_allocated_mb": cuda_allocated_mb()}
         metrics = run_predict(vcfg, model, tokenizer, output_dir=out / _folder_name(variant.label))
         rows.append({"variant": variant.label, "kind": variant.kind, "path": variant.path, "bits": variant.bits,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -69,22 +70,45 @@ def split_reasoning(text: str, splitter: ReasoningSplitter) -> tuple[str | None,
 
 
 def _prompt_and_label(conv: Any) -> tuple[Any, str]:
-    from ..data.conversation import Conversation
+    from ..data.conversation import ANSWER_ROLES, Conversation
 
-    if not conv.messages or conv.messages[-1].role != "assistant":
+    if not conv.messages or conv.messages[-1].role not in ANSWER_ROLES:
         raise DataError(f"{conv.source or 'an eval sample'}: the last message must be the assistant's answer "
                         "(the label) for predict", hint="check the eval dataset's format in dataset_info.json")
     prompt = Conversation(messages=conv.messages[:-1], system=conv.system, tools=conv.tools, source=conv.source)
     return prompt, conv.messages[-1].content
 
 
+@dataclass
+class EvalPrompts:
+    """The eval set as model inputs: prompt token ids, the decoded prompt text, and the label."""
+
+    ids: list[list[int]]
+    texts: list[str]
+    labels: list[str]
+
+
+def eval_prompts(cfg: "RunConfig", tokenizer: Any, template: Any) -> EvalPrompts:
+    """Encode every eval conversation up to its generation prompt; the last answer is the label."""
+    from ..data.loader import build_datasets
+
+    conversations = build_datasets(cfg, tokenizer, template, purpose="predict").eval_conversations
+    if not conversations:
+        raise DataError("the eval set is empty", hint="set `eval_dataset`, or `dataset` with `val_size`")
+    out = EvalPrompts([], [], [])
+    for conv in conversations:
+        prompt, label = _prompt_and_label(conv)
+        ids = list(template.encode_prompt(prompt, tokenizer, enable_thinking=cfg.data.enable_thinking))
+        out.ids.append(ids)
+        out.texts.append(tokenizer.decode(ids, skip_special_tokens=False))
+        out.labels.append(label)
+    return out
+
+
 def run_predict(cfg: "RunConfig", model: Any = None, tokenizer: Any = None, *, template: Any = None,
                 output_dir: str | Path | None = None) -> dict[str, float]:
     """Generate for every eval sample, write the predictions and metrics under ``output_dir`` (default: the
     config's ``output_dir``), and return the ``predict_*`` metrics. Loads the model when none is given."""
-    from tqdm.auto import tqdm
-
-    from ..data.loader import build_datasets
     from ..data.templates import resolve_template
     from .metrics import compute_metrics
 
@@ -98,22 +122,12 @@ def run_predict(cfg: "RunConfig", model: Any = None, tokenizer: Any = None, *, t
 
         tokenizer = load_tokenizer(cfg.model)
     template = template or resolve_template(cfg.data, tokenizer)
-    conversations = build_datasets(cfg, tokenizer, template, purpose="predict").eval_conversations
-    if not conversations:
-        raise DataError("the eval set is empty", hint="set `eval_dataset`, or `dataset` with `val_size`")
-    thinking = cfg.data.enable_thinking
-    prompt_ids, prompt_texts, labels = [], [], []
-    for conv in conversations:
-        prompt, label = _prompt_and_label(conv)
-        ids = list(template.encode_prompt(prompt, tokenizer, enable_thinking=thinking))
-        prompt_ids.append(ids)
-        prompt_texts.append(tokenizer.decode(ids, skip_special_tokens=False))
-        labels.append(label)
-
-    records = PredictionFile(out_dir / PREDICTIONS_FILE, prompt_texts, overwrite=gen.predict_overwrite)
-    todo = [i for i in range(len(prompt_ids)) if i not in records.done]
+    prompts = eval_prompts(cfg, tokenizer, template)
+    records = PredictionFile(out_dir / PREDICTIONS_FILE, prompts.texts, overwrite=gen.predict_overwrite)
+    todo = [i for i in range(len(prompts.ids)) if i not in records.done]
     if records.done:
-        logger.info("resuming: %d of %d predictions already in %s", len(records.done), len(prompt_ids), records.path)
+        logger.info("resuming: %d of %d predictions already in %s", len(records.done), len(prompts.ids), records.path)
+
     start = time.perf_counter()
     new_tokens = 0
     if todo:
@@ -121,51 +135,58 @@ def run_predict(cfg: "RunConfig", model: Any = None, tokenizer: Any = None, *, t
             from ..models.loader import load_model
 
             model = load_model(cfg, tokenizer, is_trainable=False)
-        was_training = getattr(model, "training", False)
-        model.eval()
-        params = SamplingParams.from_config(gen)
-        stop_ids = list(template.stop_token_ids(tokenizer))
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-        tags = tuple(getattr(template, "thought_words", None) or DEFAULT_THOUGHT_TAGS)
-        thinks = bool(getattr(template, "supports_thinking", tags[0] in tokenizer.get_vocab()))
-        if gen.do_sample:
-            from transformers import set_seed
-
-            set_seed(gen.predict_seed)
-        bar = tqdm(total=len(prompt_ids), initial=len(records.done), desc="predict", unit="sample", disable=False)
-        try:
-            for batch in batch_plan([len(prompt_ids[i]) for i in todo], gen.predict_batch_size):
-                indices = [todo[j] for j in batch]
-                outputs = generate_batch(model, [prompt_ids[i] for i in indices], params, pad_id=pad_id,
-                                         stop_ids=stop_ids)
-                rows = []
-                for i, ids in zip(indices, outputs):
-                    new_tokens += len(ids)
-                    text = tokenizer.decode(ids, skip_special_tokens=gen.skip_special_tokens)
-                    splitter = reasoning_splitter_for(tokenizer, prompt_ids[i], tags,
-                                                      supports_thinking=thinks)
-                    reasoning, answer = split_reasoning(text, splitter)
-                    rows.append({"index": i, "prompt": prompt_texts[i], "predict": answer, "label": labels[i],
-                                 **({"reasoning": reasoning} if reasoning is not None else {})})
-                records.append(rows)
-                bar.update(len(rows))
-        finally:
-            bar.close()
-            records.close()
-            if was_training:
-                model.train()
+        new_tokens = _generate_missing(cfg, model, tokenizer, template, prompts, todo, records)
     runtime = time.perf_counter() - start
+
     rows = records.finalize()
     scores = compute_metrics([r["predict"] for r in rows], [r["label"] for r in rows])
-    metrics = {f"predict_{k}": round(v, 4) for k, v in scores.items()}
-    metrics.update({
-        "predict_samples": len(rows),
-        "predict_runtime": round(runtime, 4),
-        "predict_samples_per_second": round(len(todo) / runtime, 3) if todo and runtime > 0 else 0.0,
-        "predict_generated_tokens": new_tokens,
-        "predict_tokens_per_second": round(new_tokens / runtime, 3) if todo and runtime > 0 else 0.0,
-    })
+    metrics: dict[str, float] = {f"predict_{k}": round(v, 4) for k, v in scores.items()}
+    rate = (lambda n: round(n / runtime, 3)) if todo and runtime > 0 else (lambda n: 0.0)
+    metrics.update({"predict_samples": len(rows), "predict_runtime": round(runtime, 4),
+                    "predict_samples_per_second": rate(len(todo)), "predict_generated_tokens": new_tokens,
+                    "predict_tokens_per_second": rate(new_tokens)})
     write_results(out_dir, "predict", metrics)
     logger.info("predictions in %s; metrics in %s", records.path, out_dir / "predict_results.json")
     return metrics
 
+
+def _generate_missing(cfg: "RunConfig", model: Any, tokenizer: Any, template: Any, prompts: EvalPrompts,
+                      todo: list[int], records: PredictionFile) -> int:
+    """Generate the samples in ``todo`` batch by batch, appending each batch's rows; return the new tokens."""
+    from tqdm.auto import tqdm
+
+    gen = cfg.generation
+    params = SamplingParams.from_config(gen)
+    stop_ids = list(template.stop_token_ids(tokenizer))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    tags = tuple(getattr(template, "thought_words", None) or DEFAULT_THOUGHT_TAGS)
+    thinks = bool(getattr(template, "supports_thinking", tags[0] in tokenizer.get_vocab()))
+    if gen.do_sample:
+        from transformers import set_seed
+
+        set_seed(gen.predict_seed)
+    was_training = getattr(model, "training", False)
+    model.eval()
+    new_tokens = 0
+    bar = tqdm(total=len(prompts.ids), initial=len(records.done), desc="predict", unit="sample")
+    try:
+        for batch in batch_plan([len(prompts.ids[i]) for i in todo], gen.predict_batch_size):
+            indices = [todo[j] for j in batch]
+            outputs = generate_batch(model, [prompts.ids[i] for i in indices], params, pad_id=pad_id,
+                                     stop_ids=stop_ids)
+            rows = []
+            for i, ids in zip(indices, outputs):
+                new_tokens += len(ids)
+                text = tokenizer.decode(ids, skip_special_tokens=gen.skip_special_tokens)
+                splitter = reasoning_splitter_for(tokenizer, prompts.ids[i], tags, supports_thinking=thinks)
+                reasoning, answer = split_reasoning(text, splitter)
+                rows.append({"index": i, "prompt": prompts.texts[i], "predict": answer, "label": prompts.labels[i],
+                             **({"reasoning": reasoning} if reasoning is not None else {})})
+            records.append(rows)  # flushed to disk: an interruption keeps every finished batch
+            bar.update(len(rows))
+    finally:
+        bar.close()
+        records.close()
+        if was_training:
+            model.train()
+    return new_tokens

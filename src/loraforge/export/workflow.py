@@ -65,7 +65,8 @@ class ExportPlan:
         if self.quant_bits:
             out.append(f"  QLoRA adapter (trained on a {self.quant_bits}-bit base): merged into the base reloaded in "
                        f"{self.dtype}, never into the {self.quant_bits}-bit weights")
-        out.append(f"  {self.n_params / 1e6:.1f}M parameters; merge dtype {self.dtype}"
+        how = f"merged in {self.dtype}" if self.merge else "streamed from the base folder (nothing to merge)"
+        out.append(f"  {self.n_params / 1e6:.1f}M parameters, {how}"
                    + (f"; GGUF {self.quantization}" if self.gguf_name else ""))
         out.append(f"  files (estimated sizes), {human_size(self.needed_bytes)} of disk needed"
                    + (f" including {human_size(self.scratch_bytes)} of temporary files" if self.scratch_bytes else "")

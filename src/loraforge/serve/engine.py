@@ -134,7 +134,8 @@ class ChatEngine:
         self.stop_token_ids = list(template.stop_token_ids(tokenizer))
         tags = getattr(template, "thought_words", None) or DEFAULT_THOUGHT_TAGS
         self.thought_tags: tuple[str, str] = (str(tags[0]), str(tags[1]))
-        self.supports_thinking = bool(getattr(template, "supports_thinking", self.thought_tags[0] in tokenizer.get_vocab()))
+        in_vocab = self.thought_tags[0] in tokenizer.get_vocab()
+        self.supports_thinking = bool(getattr(template, "supports_thinking", in_vocab))
         self._lock = threading.Lock()
         self._encode_lock = threading.Lock()
 

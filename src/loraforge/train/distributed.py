@@ -157,7 +157,7 @@ def load_deepspeed_config(value: str | dict) -> tuple[dict | None, str | None]:
 
 
 def zero_stage(ds_config: Mapping[str, Any]) -> int:
-    """The ZeRO stage of a DeepSpeed config (0 when absent)."""
+    """The ZeRO stage of a DeepSpeed config: 0 when absent, -1 when it is not a number."""
     zero = ds_config.get("zero_optimization") or {}
     try:
         return int(zero.get("stage", 0))
@@ -231,10 +231,10 @@ def _deepspeed_mismatches(ds: Mapping[str, Any], training: Mapping[str, Any]) ->
     return out
 
 
-def _deepspeed_problems(cfg: "RunConfig", training: Mapping[str, Any], gpus: int) -> list[str]:
+def _deepspeed_problems(cfg: "RunConfig", training: Mapping[str, Any], gpus: int | None) -> list[str]:
     value = training["deepspeed"]
     p: list[str] = []
-    if not deepspeed_installed():
+    if gpus is not None and not deepspeed_installed():
         p.append(f"`deepspeed: {value if not isinstance(value, dict) else '{...}'}` needs the DeepSpeed package, "
                  f"which is not installed: {INSTALL_DEEPSPEED} (on a machine with CUDA GPUs)")
     if gpus == 0:
@@ -269,7 +269,7 @@ def _deepspeed_problems(cfg: "RunConfig", training: Mapping[str, Any], gpus: int
     return p
 
 
-def _fsdp_problems(cfg: "RunConfig", training: Mapping[str, Any], gpus: int) -> list[str]:
+def _fsdp_problems(cfg: "RunConfig", training: Mapping[str, Any], gpus: int | None) -> list[str]:
     value = training["fsdp"]
     p: list[str] = []
     items = value if isinstance(value, (list, tuple)) else str(value).split()
@@ -314,11 +314,12 @@ def _fsdp_problems(cfg: "RunConfig", training: Mapping[str, Any], gpus: int) -> 
     return p
 
 
-def distributed_problems(cfg: "RunConfig", training: Mapping[str, Any]) -> list[str]:
+def distributed_problems(cfg: "RunConfig", training: Mapping[str, Any], *, environment: bool = True) -> list[str]:
     """Every reason the multi-process setup in ``training`` (the HF keys as given) cannot work; empty when fine.
 
-    Called by config validation for ``purpose="train"``; the launcher adds the checks that depend on the
-    machine's environment variables (NNODES, MASTER_ADDR, ...).
+    Called by config validation for ``purpose="train"``. ``environment=False`` checks the config alone and
+    skips what depends on this machine (GPU count, DeepSpeed installed, FORCE_TORCHRUN); the launcher adds the
+    checks on the launch variables (NNODES, MASTER_ADDR, ...).
     """
     p: list[str] = []
     ds_on = training.get("deepspeed") not in (None, "", {})
@@ -326,7 +327,7 @@ def distributed_problems(cfg: "RunConfig", training: Mapping[str, Any]) -> list[
     if ds_on and fsdp_on:
         return ["`deepspeed` and `fsdp` are both set; they are two different sharding engines, choose one "
                 "(DeepSpeed ZeRO-3 or FSDP both shard a QLoRA model)"]
-    gpus = cuda_device_count()
+    gpus = cuda_device_count() if environment else None
     if ds_on:
         p += _deepspeed_problems(cfg, training, gpus)
     if fsdp_on:
@@ -337,8 +338,9 @@ def distributed_problems(cfg: "RunConfig", training: Mapping[str, Any]) -> list[
     elif nproc is not None and gpus and nproc > gpus:
         p.append(f"`nproc_per_node: {nproc}` but only {gpus} GPU(s) are visible (CUDA_VISIBLE_DEVICES="
                  f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use at most {gpus}")
-    several = nproc != 1 and ((nproc or 0) > 1 or (nproc is None and gpus > 1) or rank_info().is_distributed
-                              or os.environ.get("FORCE_TORCHRUN", "").lower() in ("1", "true", "yes"))
+    several = nproc != 1 and ((nproc or 0) > 1 or (environment and (
+        (nproc is None and bool(gpus and gpus > 1)) or rank_info().is_distributed
+        or os.environ.get("FORCE_TORCHRUN", "").lower() in ("1", "true", "yes"))))
     if cfg.model.quantization_device_map == "auto" and (several or ds_on or fsdp_on):
         p.append("`quantization_device_map: auto` spreads one model over all GPUs inside one process and cannot be "
                  "combined with several training processes, DeepSpeed or FSDP; drop it, or set `nproc_per_node: 1` "

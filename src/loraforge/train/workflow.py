@@ -112,6 +112,11 @@ def run_train(cfg: RunConfig, *, extra_callbacks: list | None = None) -> TrainOu
 
     # 3. model: quantization, adapters, gradient checkpointing
     model = load_model(cfg, tokenizer, is_trainable=True)
+    pissa_init_dir = None
+    if cfg.finetuning.pissa_init and cfg.finetuning.pissa_convert and args.should_save:
+        from ..models.adapters import save_pissa_initial
+
+        pissa_init_dir = save_pissa_initial(model, str(output_dir))  # the reference for conversion at the end
     summary = summarize_model(model)
     world = max(args.world_size, 1)
     effective = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
@@ -156,6 +161,8 @@ def run_train(cfg: RunConfig, *, extra_callbacks: list | None = None) -> TrainOu
 
     # 6. outputs: weights/adapter + tokenizer, metrics, state, plot, card
     trainer.save_model(str(output_dir))
+    if pissa_init_dir:  # pissa_convert: store a plain LoRA (rank 2r) that applies to the original weights
+        model.save_pretrained(str(output_dir), path_initial_model_for_weight_conversion=pissa_init_dir)
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()
