@@ -3,9 +3,10 @@ a Qwen3-0.6B-shaped model with random weights, to q8_0 and f16, on the CPU.
 
     python benchmarks/bench_export.py [--out benchmarks/results/export_benchmark.json] [--models smollm2,qwen3-0.6b]
 
-Each export runs in its own process (the real CLI), so its peak resident memory (ru_maxrss) is measured alone.
-Peak RSS counts the loaded model, the largest tensor being converted and the pages of the safetensors files
-mapped while streaming them.
+Each export runs in its own process (the real CLI). Two memory numbers, sampled every 20 ms in that process: the
+peak of anonymous resident memory (what must really fit in RAM) and the peak RSS, which also counts clean pages
+of memory-mapped files (safetensors, shared libraries). Each model is exported twice per type: merging a LoRA adapter (load + merge +
+save + stream), and without adapter (the GGUF streamed straight from the base folder, one tensor at a time).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -57,23 +57,51 @@ def make_adapter(base: Path, out: Path) -> Path:
     return out
 
 
-def run_export(base: Path, adapter: Path, quant: str, work: Path) -> dict:
+# Runs `loraforge export` in the child process while a thread samples its memory every 20 ms: RssAnon (memory
+# that must really fit in RAM) and VmRSS (also counting clean pages of memory-mapped files, which the kernel can
+# drop at will). Sampled in the child, because ru_maxrss of a forked child also counts the parent's pages.
+CHILD = """
+import sys, threading, time
+peak = {'RssAnon': 0, 'VmRSS': 0}
+def sample():
+    while True:
+        for line in open('/proc/self/status'):
+            key = line.split(':')[0]
+            if key in peak:
+                peak[key] = max(peak[key], int(line.split()[1]))
+        time.sleep(0.02)
+threading.Thread(target=sample, daemon=True).start()
+from loraforge.cli import main
+rc = main(sys.argv[1:])
+time.sleep(0.05)
+print('PEAK_KB', peak['RssAnon'], peak['VmRSS'])
+sys.exit(rc)
+"""
+
+
+def run_export(base: Path, adapter: Path | None, quant: str, work: Path) -> dict:
     config = work / f"export-{quant}.yaml"
     out_dir = work / f"out-{quant}"
-    config.write_text(f"model_name_or_path: {base}\nadapter_name_or_path: {adapter}\nexport_dir: {out_dir}\n"
-                      f"export_format: gguf\nexport_quantization: {quant}\nexport_overwrite: true\n")
-    cmd = [sys.executable, "-m", "loraforge.cli", "export", str(config)]
+    config.write_text(f"model_name_or_path: {base}\n" + (f"adapter_name_or_path: {adapter}\n" if adapter else "")
+                      + f"export_dir: {out_dir}\nexport_format: gguf\nexport_quantization: {quant}\n"
+                      "export_overwrite: true\n")
+    cmd = [sys.executable, "-c", CHILD, "export", str(config)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", LORAFORGE_LOG_LEVEL="WARNING")
+    log_out, log_err = work / "stdout.log", work / "stderr.log"
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
+    with open(log_out, "w") as out, open(log_err, "w") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err)
+        status = proc.wait()
     seconds = time.perf_counter() - start
-    stdout, stderr = proc.stdout.read(), proc.stderr.read()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"export failed:\n{stdout}\n{stderr}")
+    stdout = log_out.read_text()
+    if status != 0:
+        raise RuntimeError(f"export failed:\n{stdout}\n{log_err.read_text()}")
+    peak_anon_kb, peak_rss_kb = (int(v) for v in stdout.rsplit("PEAK_KB", 1)[1].split()[:2])
     gguf_file = next(out_dir.glob("*.gguf"))
-    result = {"quantization": quant, "export_seconds": round(seconds, 1),
-              "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "gguf_mib": round(gguf_file.stat().st_size / 2**20, 1)}
+    result = {"quantization": quant, "path": "merge adapter + GGUF" if adapter else "GGUF streamed from base",
+              "export_seconds": round(seconds, 1), "peak_anon_rss_mib": round(peak_anon_kb / 1024, 1),
+              "peak_rss_mib_incl_mapped_files": round(peak_rss_kb / 1024, 1),
+              "gguf_mib": round(gguf_file.stat().st_size / 2**20, 1)}
     shutil.rmtree(out_dir)
     return result
 
@@ -85,7 +113,7 @@ def main() -> None:
     parser.add_argument("--quants", default="q8_0,f16")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from loraforge.export.gguf.writer import _shapes, tensor_shards
+    from loraforge.export.gguf.writer import tensor_shapes, tensor_shards
     from loraforge.models.builtin import resolve_builtin
 
     runs = []
@@ -93,12 +121,12 @@ def main() -> None:
         work = Path(tmp)
         for name in args.models.split(","):
             base = resolve_builtin(name) if name == "smollm2-135m-instruct" else qwen3_06b(work / name)
-            shapes = _shapes(tensor_shards(base))
+            shapes = tensor_shapes(tensor_shards(base))
             n_params = sum(int(torch.tensor(s).prod()) for s in shapes.values())
             largest = max(int(torch.tensor(s).prod()) for s in shapes.values())
             adapter = make_adapter(base, work / f"{name}-lora")
-            for quant in args.quants.split(","):
-                r = run_export(base, adapter, quant, work)
+            for quant, with_adapter in [(q, a) for q in args.quants.split(",") for a in (True, False)]:
+                r = run_export(base, adapter if with_adapter else None, quant, work)
                 r.update(model=name, params_m=round(n_params / 1e6, 1),
                          largest_tensor_mib_fp32=round(largest * 4 / 2**20, 1),
                          base_safetensors_mib=round(sum(p.stat().st_size for p in base.glob("*.safetensors")) / 2**20, 1))
@@ -106,11 +134,11 @@ def main() -> None:
                 runs.append(r)
     report = {
         "command": "python benchmarks/bench_export.py " + " ".join(sys.argv[1:]),
-        "what": "loraforge export: load base, merge a r=16 LoRA adapter on all linear layers, save merged safetensors "
-                "(scratch), stream them into one GGUF; each run in its own process",
+        "what": "loraforge export to GGUF, each run in its own process. 'merge adapter + GGUF': load the base, merge "
+                "an r=16 LoRA adapter on all linear layers, save merged safetensors (scratch), stream them into the "
+                "GGUF. 'GGUF streamed from base': no adapter, tensors streamed from the base safetensors one at a time",
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "note": "shared 2-core CPU machine; other jobs were running, so times are upper bounds"},
-        "self_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "runs": runs,
     }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

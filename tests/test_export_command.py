@@ -12,23 +12,43 @@ import torch
 
 from loraforge.cli import main
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+               r"|\s+(?!\S)|\s+")
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\nYou are a tiny test model.<|im_end|>\n' }}{% endif %}"
+          "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def tiny_tokenizer():
+    """A 512-token byte-level BPE with Qwen2's split rule and a ChatML template, trained here in a second."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["Hello world, this is a tiny tokenizer for export tests. 你好 🙂 def f(x): return x"] * 50,
+                            trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=CHATML)
 
 
 @pytest.fixture(scope="module")
-def tiny_base(smollm2_path: Path, tmp_path_factory) -> Path:
-    """A 2-layer Qwen3 with SmolLM2's 49k tokenizer: small enough for many CLI runs."""
+def tiny_base(tmp_path_factory) -> Path:
+    """A 2-layer Qwen3 with a 512-token tokenizer: small enough for many CLI runs, no downloads, no fixtures."""
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     out = tmp_path_factory.mktemp("base") / "tiny"
-    config = Qwen3Config(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
-                         bos_token_id=1, eos_token_id=2)
+                         bos_token_id=None, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(str(out))
-    for name in TOKENIZER_FILES:
-        if (smollm2_path / name).is_file():
-            shutil.copy(smollm2_path / name, out / name)
+    tiny_tokenizer().save_pretrained(str(out))
     return out
 
 

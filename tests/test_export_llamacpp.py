@@ -154,6 +154,23 @@ def test_q8_0_top1_agreement(exported: Exported):
     assert agree >= 0.95, f"q8_0 top-1 agreement {agree:.3f}"
 
 
+@pytest.mark.parametrize("quant", ["q8_0", "q4_0"])
+def test_python_quantizers_match_llama_cpp_quantizer(smol: Exported, quant: str, tmp_path: Path):
+    """Our Python q8_0/q4_0 agree with transformers as well as llama.cpp's own quantizer does (from f16)."""
+    ids = smol.tokenizer(TEXT)["input_ids"]
+    ref = hf_logits(smol.model, ids).argmax(-1)
+    theirs = tmp_path / f"llama-cpp-{quant}.gguf"
+    kquantize(smol.gguf("f16"), theirs, quant)
+    agree = {}
+    for name, path in (("ours", smol.gguf(quant)), ("llama.cpp", theirs)):
+        llm = load_llama(path)
+        try:
+            agree[name] = (llama_logits(llm, ids).argmax(-1) == ref).mean()
+        finally:
+            llm.close()
+    assert agree["ours"] >= agree["llama.cpp"] - 0.02, agree
+
+
 def test_tokenization_matches_transformers(exported: Exported):
     tok = exported.tokenizer
     llm = load_llama(exported.gguf("f16"), vocab_only=True)

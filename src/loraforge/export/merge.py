@@ -28,14 +28,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 def adapter_paths(cfg: "RunConfig") -> list[str]:
     """The adapters to merge, in order, resolved to local folders (hub ids are downloaded by models/)."""
     raw = cfg.model.adapter_name_or_path
+    from ..models.hub import resolve_adapter_path
+
     names = [n.strip() for n in raw.split(",") if n.strip()] if raw else []
-    try:
-        from ..models.hub import resolve_adapter_path
-    except ImportError:  # models/ not importable: only local folders work
-        resolve_adapter_path = None  # type: ignore[assignment]
     out = []
     for name in names:
-        path = resolve_adapter_path(name, cfg.model) if resolve_adapter_path else name
+        path = resolve_adapter_path(name, cfg.model)
         if not (Path(path) / "adapter_config.json").is_file():
             raise ModelLoadError(f"adapter {name!r} has no adapter_config.json (looked in {path})",
                                  hint="point `adapter_name_or_path` at the output_dir of a LoRA training run")

@@ -32,15 +32,15 @@ def human_size(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def check_destination(dest: Path, *, overwrite: bool) -> None:
-    """Refuse to touch an existing, non-empty export folder unless ``overwrite`` is set."""
+def check_destination(dest: Path, *, overwrite: bool, also: str = "") -> None:
+    """Refuse to touch an existing, non-empty export folder unless ``overwrite`` is set (``also``: extra advice)."""
     if dest.exists() and not dest.is_dir():
         raise ExportError(f"export_dir {str(dest)!r} exists and is a file, not a folder",
                           hint="choose another `export_dir`")
     if dest.is_dir() and any(dest.iterdir()) and not overwrite:
         raise ExportError(
             f"export_dir {str(dest)!r} already holds an export; it was left untouched",
-            hint="pass --overwrite (or `export_overwrite: true`) to replace it, or choose another `export_dir`")
+            hint="pass --overwrite (or `export_overwrite: true`) to replace it, or choose another `export_dir`" + also)
 
 
 def check_free_space(dest: Path, needed_bytes: int) -> int:

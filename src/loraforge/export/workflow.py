@@ -76,10 +76,10 @@ class ExportPlan:
 
 
 def _base_params(base_dir: Path) -> int:
-    from .gguf.writer import _shapes, tensor_shards
+    from .gguf.writer import tensor_shapes, tensor_shards
 
     try:
-        return sum(int(np.prod(s)) for s in _shapes(tensor_shards(base_dir)).values())
+        return sum(int(np.prod(s)) for s in tensor_shapes(tensor_shards(base_dir)).values())
     except ExportError:
         return sum(p.stat().st_size for p in base_dir.glob("*.bin")) // 2
 
@@ -228,7 +228,8 @@ def run_export(cfg: "RunConfig", *, overwrite: bool = False, plan: ExportPlan | 
     """Export as ``cfg.export`` says, then upload when ``export_hub_model_id`` is set."""
     plan = plan or plan_export(cfg)
     overwrite = overwrite or cfg.export.export_overwrite
-    check_destination(plan.export_dir, overwrite=overwrite)
+    check_destination(plan.export_dir, overwrite=overwrite,
+                      also="; to upload it as it is, use --upload-only" if cfg.export.export_hub_model_id else "")
     free = check_free_space(plan.export_dir, plan.needed_bytes)
     logger.info("disk: %s needed, %s free", human_size(plan.needed_bytes), human_size(free))
     start = time.perf_counter()

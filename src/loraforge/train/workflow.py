@@ -177,10 +177,10 @@ def run_train(cfg: RunConfig, *, extra_callbacks: list | None = None) -> TrainOu
             if image:
                 logger.info("loss plot: %s", image)
         write_model_card(cfg, output_dir, metrics, summary_lines)
-    if args.do_predict:
+    if args.do_predict and trainer.is_world_process_zero():  # one predictions file, written by rank 0
         from ..evaluate.predict import run_predict
 
-        run_predict(cfg, model=model, tokenizer=tokenizer)
+        run_predict(cfg, model=trainer.model, tokenizer=tokenizer)
     if guard.total_skipped:
         logger.warning("%d update(s) skipped because of non-finite loss/gradients (steps %s)",
                        guard.total_skipped, ", ".join(map(str, guard.skipped_steps)))

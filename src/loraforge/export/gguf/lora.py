@@ -72,8 +72,9 @@ def convert_lora_to_gguf(adapter_dir: str | Path, base_config: dict, out_path: s
         else:
             raise ExportError(f"{weights}: tensor {key!r} is not a LoRA A/B matrix of a linear layer", hint=_MERGED_HINT)
         base_name = gguf_tensor_name(module + ".weight", hp)
-        if base_name is None:
-            continue
+        if base_name is None:  # lm_head with tied embeddings: llama.cpp has no separate matrix to adapt
+            raise ExportError(f"{weights}: the adapter changes {module}, which the GGUF model shares with the "
+                              "token embedding (tied embeddings)", hint=_MERGED_HINT)
         data = tensors[key].to(torch.float32)
         if gguf_part == ".lora_b":  # B's rows are the weight's rows: same layout change as the weight
             data = to_gguf_layout(base_name, data, hp)

@@ -31,6 +31,8 @@ GGUF_TYPES = PYTHON_TYPES + KQUANT_TYPES
 BITS_PER_WEIGHT = {"f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q4_0": 4.5,
                    "q4_k_m": 4.9, "q5_k_m": 5.7, "q6_k": 6.6}
 
+CHUNK_BYTES = 32 * 2**20  # float32 rows quantized at once
+
 LLAMA_CPP_HINT = ("install llama-cpp-python, which compiles llama.cpp (about 10 minutes on 2 cores): "
                   "CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" pip install 'loraforge[llamacpp]'; or export "
                   "`export_quantization: q8_0` / `q4_0`, which need no compiler")
@@ -96,7 +98,15 @@ def encode(tensor: Any, qtype: Any) -> np.ndarray:
         return tensor.to(torch.float16).contiguous().numpy()
     if qtype == q.BF16:
         return tensor.to(torch.bfloat16).contiguous().view(torch.uint8).numpy()
-    return gguf.quants.quantize(tensor.to(torch.float32).contiguous().numpy(), qtype)
+    # Quantize a block of rows at a time, so the float32 copy never exceeds CHUNK_BYTES (the embedding of a
+    # 150k-token vocabulary would otherwise be copied whole to float32 first).
+    rows = tensor.reshape(-1, tensor.shape[-1])
+    out = np.empty(stored_layout((rows.shape[0], rows.shape[1]), qtype)[0], dtype=np.uint8)
+    step = max(1, CHUNK_BYTES // (4 * rows.shape[1]))
+    for start in range(0, rows.shape[0], step):
+        block = rows[start:start + step].to(torch.float32).contiguous().numpy()
+        out[start:start + step] = gguf.quants.quantize(block, qtype)
+    return out.reshape(stored_layout(tuple(tensor.shape), qtype)[0])
 
 
 def require_llama_cpp(what: str) -> Any:

@@ -119,14 +119,12 @@ def _merges(tokenizer_json: dict[str, Any]) -> list[str]:
 
 def _special_flags(tokenizer: Any) -> tuple[bool, bool]:
     """(adds BOS, adds EOS) as the HF tokenizer actually behaves when encoding a plain string."""
-    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    without = tokenizer("a", add_special_tokens=False)["input_ids"]
-    if len(with_special) == len(without):
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    if len(full) == len(plain):
         return False, False
-    add_bos = tokenizer.bos_token_id is not None and with_special[0] == tokenizer.bos_token_id and without[:1] != \
-        with_special[:1]
-    add_eos = tokenizer.eos_token_id is not None and with_special[-1] == tokenizer.eos_token_id and without[-1:] != \
-        with_special[-1:]
+    add_bos = tokenizer.bos_token_id is not None and full[0] == tokenizer.bos_token_id and plain[:1] != full[:1]
+    add_eos = tokenizer.eos_token_id is not None and full[-1] == tokenizer.eos_token_id and plain[-1:] != full[-1:]
     return bool(add_bos), bool(add_eos)
 
 

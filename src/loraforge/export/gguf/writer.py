@@ -78,7 +78,8 @@ def tensor_shards(model_dir: Path) -> dict[str, Path]:
     return out
 
 
-def _shapes(shards: dict[str, Path]) -> dict[str, tuple[int, ...]]:
+def tensor_shapes(shards: dict[str, Path]) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape, read from the safetensors headers (no weights are loaded)."""
     from safetensors import safe_open
 
     shapes: dict[str, tuple[int, ...]] = {}
@@ -98,7 +99,7 @@ def _order_key(gguf_name: str) -> tuple[int, int, str]:
 
 def _plan(model_dir: Path, hp: HParams, target: str) -> list[_Planned]:
     shards = tensor_shards(model_dir)
-    shapes = _shapes(shards)
+    shapes = tensor_shapes(shards)
     plans: list[_Planned] = []
     for hf_name in shards:
         gguf_name = gguf_tensor_name(hf_name, hp)
@@ -123,7 +124,7 @@ def _plan(model_dir: Path, hp: HParams, target: str) -> list[_Planned]:
 def estimate_gguf_bytes(model_dir: Path, quantization: str) -> int:
     """The approximate size of the GGUF for ``quantization``, from the safetensors headers alone."""
     shards = tensor_shards(model_dir)
-    n_params = sum(int(np.prod(s)) for s in _shapes(shards).values())
+    n_params = sum(int(np.prod(s)) for s in tensor_shapes(shards).values())
     return int(n_params * BITS_PER_WEIGHT[quantization] / 8) + 16 * 2**20  # + vocab and header
 
 
@@ -152,16 +153,15 @@ def _write(model_dir: Path, out_path: Path, target: str, name: str, file_kind: s
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
 
-    handles: dict[Path, Any] = {}
     types: dict[str, int] = {}
     try:
         for i, p in enumerate(plans):
             if p.hf_name is None:
                 tensor = torch.from_numpy(llama3_rope_factors(hp))
             else:
-                if p.shard not in handles:
-                    handles[p.shard] = safe_open(str(p.shard), framework="pt")
-                tensor = handles[p.shard].get_tensor(p.hf_name)
+                # Open the shard per tensor: its memory map (and the pages it touched) goes away right after.
+                with safe_open(str(p.shard), framework="pt") as f:
+                    tensor = f.get_tensor(p.hf_name)
             data = encode(to_gguf_layout(p.gguf_name, tensor, hp), p.qtype)
             writer.write_tensor_data(data)
             types[p.qtype.name] = types.get(p.qtype.name, 0) + 1
@@ -169,7 +169,6 @@ def _write(model_dir: Path, out_path: Path, target: str, name: str, file_kind: s
             if (i + 1) % 50 == 0:
                 logger.info("  %d/%d tensors written", i + 1, len(plans))
     finally:
-        handles.clear()
         writer.close()
     return GGUFReport(path=out_path, quantization=file_kind, n_tensors=len(plans),
                       n_bytes=out_path.stat().st_size, seconds=time.perf_counter() - start,
@@ -194,8 +193,8 @@ def convert_to_gguf(model_dir: str | Path, out_path: str | Path, quantization: s
         from .quantize import require_llama_cpp
 
         require_llama_cpp(f"`export_quantization: {quantization}`")  # fail before the long 16-bit pass
-        dtype = str(read_config(model_dir).get("dtype") or read_config(model_dir).get("torch_dtype") or "")
-        base = "bf16" if dtype == "bfloat16" else "f16"
+        config = read_config(model_dir)
+        base = "bf16" if str(config.get("dtype") or config.get("torch_dtype")) == "bfloat16" else "f16"
         tmp = out_path.with_name(f".{out_path.stem}.{base}.tmp.gguf")
         try:
             report = _write(model_dir, tmp, base, name, base)
