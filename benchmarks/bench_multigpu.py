@@ -33,14 +33,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-QWEN3 = {  # published Qwen3 shapes; "toy" only exercises the script on a CPU
-    "toy": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
-    "8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
-    "14b": dict(hidden_size=5120, intermediate_size=17408, num_hidden_layers=40, num_attention_heads=40,
-                num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
-}
 ENGINES = {  # engine -> loraforge config keys (the same keys a user writes in the YAML)
     "ddp": {},  # what users get by default (HF: find_unused_parameters on for a peft model)
     "ddp_static": {"ddp_find_unused_parameters": False},  # no unused-parameter search each step
@@ -120,8 +112,7 @@ def make_model(size: str, path: Path, tokenizer_dir: Path, device: str) -> float
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     start = time.time()
-    cfg = Qwen3Config(vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
-                      bos_token_id=151643, eos_token_id=151645, **QWEN3[size])
+    cfg = qwen3_config(size)
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device(device):
@@ -269,7 +260,7 @@ def driver(a: argparse.Namespace) -> int:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", default="8b", choices=sorted(QWEN3))
+    p.add_argument("--size", default="8b", choices=sorted(SHAPES))
     p.add_argument("--gpus", type=int, default=2, help="GPUs for the multi-GPU runs (the baseline uses 1)")
     p.add_argument("--engines", default="ddp,zero3,zero3_offload,fsdp_qlora",
                    help=f"comma-separated: {', '.join(ENGINES)}")

@@ -17,16 +17,6 @@ import platform
 import sys
 import time
 
-QWEN3 = {  # the published Qwen3 shapes (and a toy one to smoke-test the script on a CPU)
-    "toy": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, tie_word_embeddings=True),
-    "0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-                 num_key_value_heads=8, tie_word_embeddings=True),
-    "1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-                 num_key_value_heads=8, tie_word_embeddings=True),
-    "4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-               num_key_value_heads=8, tie_word_embeddings=True),
-}
 STOP_IDS = [151645, 151643]  # <|im_end|>, <|endoftext|>
 PAD_ID = 151643
 
@@ -42,8 +32,7 @@ def build_model(size: str, device: str):
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    cfg = Qwen3Config(head_dim=128, vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0,
-                      rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645, **QWEN3[size])
+    cfg = qwen3_config(size, head_dim=128)
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device(device):
@@ -101,7 +90,7 @@ def run_loop(model, prompts, max_new: int) -> tuple[list[list[int]], float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", default="0.6b", choices=sorted(QWEN3))
+    ap.add_argument("--size", default="0.6b", choices=sorted(SHAPES))
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=128)

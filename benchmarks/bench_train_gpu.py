@@ -18,26 +18,19 @@ import sys
 import time
 from pathlib import Path
 
-QWEN3 = {  # published Qwen3 shapes
-    "0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-                 num_key_value_heads=8, tie_word_embeddings=True),
-    "4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-               num_key_value_heads=8, tie_word_embeddings=True),
-    "8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
-               num_key_value_heads=8, tie_word_embeddings=False),
-}
+from qwen3_shapes import SHAPES, qwen3_config
+
 WORDS = ("model adapter gradient memory token layer batch weight rank alpha dropout optimizer schedule "
          "checkpoint quantization precision sequence attention projection embedding 数据 模型 训练 显存 微调").split()
 
 
 def build_model(size: str, path: Path) -> None:
     import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
     from loraforge.models.qwen3_tokenizer import write_qwen3_tokenizer
 
-    cfg = Qwen3Config(head_dim=128, vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0,
-                      rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645, pad_token_id=151643, **QWEN3[size])
+    cfg = qwen3_config(size)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = Qwen3ForCausalLM(cfg).to(torch.bfloat16)
@@ -102,7 +95,7 @@ def run_variant(name: str, model: Path, data: Path, work: Path, steps: int, seq:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--size", default="0.6b", choices=sorted(QWEN3))
+    ap.add_argument("--size", default="0.6b", choices=sorted(SHAPES))
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--bs", type=int, default=4)

@@ -24,18 +24,6 @@ import sys
 import tempfile
 import time
 
-QWEN3_SHAPES = {
-    "0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-                 num_key_value_heads=8, tie_word_embeddings=True),
-    "4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-               num_key_value_heads=8, tie_word_embeddings=True),
-    "8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
-               num_key_value_heads=8, tie_word_embeddings=False),
-    "14b": dict(hidden_size=5120, intermediate_size=17408, num_hidden_layers=40, num_attention_heads=40,
-                num_key_value_heads=8, tie_word_embeddings=False),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, tie_word_embeddings=True),
-}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_RANK = 16
 
@@ -133,8 +121,7 @@ def worker(spec: dict) -> dict:
     targets = spec.get("targets", TARGETS)
     device = torch.device("cuda" if cuda else "cpu")
     vocab = 1000 if spec["size"] == "tiny" else 151936
-    cfg = Qwen3Config(head_dim=16 if spec["size"] == "tiny" else 128, vocab_size=vocab, rms_norm_eps=1e-6,
-                      max_position_embeddings=40960, use_cache=False, **QWEN3_SHAPES[spec["size"]])
+    cfg = qwen3_config(spec["size"], vocab_size=vocab, use_cache=False)
     cfg._attn_implementation = "sdpa"
     t0 = time.time()
     torch.manual_seed(0)

@@ -20,19 +20,19 @@ CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role']
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
-def tiny_tokenizer():
-    """A 512-token byte-level BPE with Qwen2's split rule and a ChatML template, trained here in a second."""
+def tiny_tokenizer(split: str = QWEN2_SPLIT, vocab_size: int = 512, corpus: list[str] | None = None):
+    """A small byte-level BPE with the given split rule and a ChatML template, trained here in a second."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), "isolated"),
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), "isolated"),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["Hello world, this is a tiny tokenizer for export tests. 你好 🙂 def f(x): return x"] * 50,
-                            trainer)
+    tok.train_from_iterator(corpus or ["Hello world, this is a tiny tokenizer for export tests. 你好 🙂 def f(x): return x"]
+                            * 50, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    chat_template=CHATML)
 
@@ -176,3 +176,34 @@ def test_upload_without_token_says_which_variable(config: Path, tmp_path: Path, 
     (tmp_path / "out" / "model.gguf").write_bytes(b"GGUF")
     assert main(["export", str(config), "--upload-only"]) == 2
     assert "set HF_TOKEN" in capsys.readouterr().err
+
+
+def test_modelscope_upload_uses_its_token_and_visibility(config: Path, tmp_path: Path, capsys, monkeypatch):
+    import sys
+    import types
+
+    calls = []
+
+    class FakeHubApi:
+        def login(self, token):
+            calls.append(("login", token))
+
+        def create_repo(self, repo_id, **kw):
+            calls.append(("create_repo", repo_id, kw))
+
+        def upload_folder(self, **kw):
+            calls.append(("upload_folder", kw))
+
+    fake = types.ModuleType("modelscope.hub.api")
+    fake.HubApi = FakeHubApi
+    for name in ("modelscope", "modelscope.hub"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "modelscope.hub.api", fake)
+    monkeypatch.setenv("MODELSCOPE_API_TOKEN", "ms-token")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "model.gguf").write_bytes(b"GGUF")
+    assert main(["export", str(config), "--upload-only", "export_hub=modelscope", "export_hub_private=false"]) == 0
+    assert calls[0] == ("login", "ms-token")
+    assert calls[1] == ("create_repo", "someone/tiny-sft", {"visibility": "public", "exist_ok": True})
+    assert Path(calls[2][1]["folder_path"]) == (tmp_path / "out").resolve()
+    assert "uploaded: https://modelscope.cn/models/someone/tiny-sft" in capsys.readouterr().out

@@ -219,3 +219,22 @@ def test_lora_refuses_dora(tiny_qwen3_path: Path, tmp_path: Path):
     adapter = _adapter(tiny_qwen3_path, tmp_path / "dora", use_dora=True)
     with pytest.raises(ExportError, match="DoRA"):
         convert_lora_to_gguf(adapter, json.loads((tiny_qwen3_path / "config.json").read_text()), tmp_path / "x.gguf")
+
+
+def test_failed_conversion_leaves_no_truncated_file(smollm2_path: Path, tmp_path: Path, monkeypatch):
+    import loraforge.export.gguf.writer as writer
+
+    src = build_tiny("qwen3", smollm2_path, tmp_path / "m")
+    calls = []
+
+    def failing_encode(tensor, qtype):
+        calls.append(qtype)
+        if len(calls) == 5:
+            raise OSError("No space left on device")
+        return real(tensor, qtype)
+
+    real = writer.encode
+    monkeypatch.setattr(writer, "encode", failing_encode)
+    with pytest.raises(OSError, match="No space"):
+        convert_to_gguf(src, tmp_path / "m.gguf", "q8_0")
+    assert len(calls) == 5 and not (tmp_path / "m.gguf").exists()

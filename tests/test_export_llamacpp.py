@@ -280,3 +280,32 @@ def test_architectures_and_lora_adapter_match_transformers(smollm2_path: Path, t
             llm.close()
         assert np.abs(got - ref).max() < 2e-3 * max(1.0, np.abs(ref).max()), (kind, lora)
     assert np.abs(merged_ref - base_ref).max() > 0.05  # the adapter matters, so the second check means something
+
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+CORPUS = [MULTILINGUAL, TEXT, "In 2024, 1,234,567 people paid $99.95 for 3 items on 12/31. Call 555-0123 at 10:30.",
+          "def add(a, b):\n    return a + b  # 100% 42 1999 2000 2001\n"]
+
+
+@pytest.mark.parametrize("split, expected_pre", [(LLAMA3_SPLIT, "llama-bpe"), (GPT2_SPLIT, "gpt-2")])
+def test_trained_tokenizers_get_the_right_pre_tokenizer(tmp_path: Path, split: str, expected_pre: str):
+    """Tokenizers trained here with Llama 3's and GPT-2's split rules (multi-digit merges, so the digit rules
+    differ): the GGUF names the right pre-tokenizer and llama.cpp tokenizes exactly like transformers."""
+    from test_export_command import tiny_tokenizer
+
+    tok = tiny_tokenizer(split, vocab_size=1200, corpus=CORPUS * 20)
+    assert any(t.isdigit() and len(t) >= 2 for t in tok.get_vocab())  # multi-digit tokens were learned
+    src = _tiny_model("llama", tmp_path, tmp_path / "m", vocab_size=len(tok), num_hidden_layers=1)
+    tok.save_pretrained(str(src))
+    path = convert_to_gguf(src, tmp_path / "m.gguf", "f16").path
+    llm = load_llama(path, vocab_only=True)
+    try:
+        assert llm.metadata["tokenizer.ggml.pre"] == expected_pre
+        for text in (MULTILINGUAL, CORPUS[2], "<|im_start|>user\n2024 年<|im_end|>"):
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == \
+                tok(text, add_special_tokens=False)["input_ids"], text
+    finally:
+        llm.close()
+

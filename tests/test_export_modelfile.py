@@ -176,8 +176,8 @@ CONVERSATIONS = [
 def _jinja(tokenizer, messages) -> str:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     bos = tokenizer.bos_token
-    if bos and "bos_token" in tokenizer.chat_template and text.startswith(bos):
-        text = text[len(bos):]  # llama.cpp / Ollama add BOS from the GGUF metadata
+    if bos and text.startswith(bos) and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        text = text[len(bos):]  # a BOS the tokenizer adds itself: llama.cpp / Ollama add it from the GGUF metadata
     return text
 
 
@@ -251,3 +251,36 @@ def test_configured_default_system_wins(qwen_tokenizer, chat_templates_dir: Path
     text = (tmp_path / "Modelfile").read_text()
     assert 'SYSTEM """Answer in French.\nBe brief."""' in text
     assert re.findall(r'^PARAMETER stop "(.*)"$', text, re.M) == ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+
+
+def _llama3_like_tokenizer(base):
+    """A tokenizer that, like Llama 3's, has <|begin_of_text|> as BOS and adds it to every encoding."""
+    import copy
+
+    from tokenizers import processors
+
+    tok = copy.deepcopy(base)
+    tok.add_special_tokens({"bos_token": "<|begin_of_text|>", "additional_special_tokens": [
+        "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", tok.bos_token_id)])
+    assert tok("a")["input_ids"][0] == tok.bos_token_id
+    return tok
+
+
+@pytest.mark.parametrize("name", ["smollm2", "qwen", "qwen3", "chatml", "llama3"])
+def test_loraforge_training_templates(qwen_tokenizer, smollm2_path: Path, name):
+    """The chat templates loraforge trains with (and saves with the adapter) get an exact Go equivalent."""
+    templates = pytest.importorskip("loraforge.data.templates")
+    from transformers import AutoTokenizer
+
+    # SmolLM2's tokenizer names <|im_start|> as its BOS without adding it: the template must not be clipped.
+    tok = AutoTokenizer.from_pretrained(str(smollm2_path)) if name == "smollm2" else qwen_tokenizer
+    if name == "llama3":
+        tok = _llama3_like_tokenizer(qwen_tokenizer)
+    tok.chat_template = templates.get_template(name).to_jinja()
+    fmt = derive_chat_format(tok)
+    assert fmt is not None, name
+    for conv in CONVERSATIONS:
+        system = next((m["content"] for m in conv if m["role"] == "system"), fmt.default_system)
+        assert render_go(fmt.go_template(), system, conv) == _jinja(tok, conv), (name, conv)

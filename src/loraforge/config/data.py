@@ -40,8 +40,9 @@ class DataArguments:
     tool_format: Optional[str] = arg(None, "Tool-call format (default: the template's own).")
     default_system: Optional[str] = arg(None, "System prompt used when a sample has none (overrides the template's).")
     enable_thinking: Optional[bool] = arg(
-        True, "Qwen3-style templates: true = train with reasoning as given (empty think block where none); "
-        "false = no-think mode; null = keep samples as they are, no empty think block added.")
+        True, "Qwen3-style templates (LLaMA-Factory's meaning): true = an empty think block is added to answers "
+        "without reasoning and trained; false = reasoning dropped, the empty block goes in the prompt (no-think "
+        "mode); null = samples with reasoning keep it, samples without get the empty block in the prompt.")
     keep_reasoning_history: bool = arg(False, "Keep reasoning of earlier assistant turns (Qwen3 drops it).")
     tokenized_path: Optional[str] = arg(None, "Save/load the tokenized dataset at this path.")
     data_cache_dir: Optional[str] = arg(

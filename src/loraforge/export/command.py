@@ -42,8 +42,8 @@ def register(sub) -> None:
         "override the config (e.g. export_format=gguf export_quantization=q8_0).")
     p.add_argument("config", help="YAML config with model_name_or_path, adapter_name_or_path, export_dir, ...")
     p.add_argument("--dry-run", action="store_true",
-                   help="Print the plan (files, estimated sizes, disk needed) and exactly what would be uploaded; "
-                   "write and upload nothing.")
+                   help="Print the plan (files, estimated sizes, disk needed) and the upload target; write and "
+                   "upload nothing. With --upload-only: list exactly the files and sizes that would be uploaded.")
     p.add_argument("--overwrite", action="store_true",
                    help="Replace an existing export_dir (same as export_overwrite: true).")
     p.add_argument("--upload-only", action="store_true",

@@ -84,10 +84,12 @@ class ChatFormat:
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], generation: bool = True) -> str:
+    from .gguf.tokenizer import special_token_flags
+
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
     bos = getattr(tokenizer, "bos_token", None)
-    if bos and "bos_token" in tokenizer.chat_template and text.startswith(bos):
-        text = text[len(bos):]  # the template's BOS: llama.cpp and Ollama add it themselves (add_bos_token)
+    if bos and text.startswith(bos) and special_token_flags(tokenizer)[0]:
+        text = text[len(bos):]  # a BOS the tokenizer adds anyway: llama.cpp and Ollama add it (add_bos_token)
     return text
 
 

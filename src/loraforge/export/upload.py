@@ -46,7 +46,8 @@ class UploadPlan:
         else:
             body = [f"  {human_size(size):>10}  {size:>15,} B  {name}" for name, size in self.files]
             total = f"  {human_size(self.total_bytes):>10}  {self.total_bytes:>15,} B  total, {len(self.files)} files"
-        note = ["  (sizes estimated: the export folder does not exist yet)"] if self.estimated else []
+        note = ["  (sizes estimated before exporting; `--upload-only --dry-run` lists an existing export exactly)"] \
+            if self.estimated else []
         return head + body + [total] + note
 
 
@@ -122,7 +123,7 @@ def _upload_modelscope(plan: UploadPlan, folder: Path, token: str) -> str:
     try:
         api.login(token)
         api.create_repo(plan.repo_id, visibility="private" if plan.private else "public", exist_ok=True)
-        api.upload_folder(repo_id=plan.repo_id, folder_path=str(folder), repo_type="model",
+        api.upload_folder(repo_id=plan.repo_id, folder_path=str(folder),
                           commit_message="Upload model exported by loraforge")
     except Exception as err:  # noqa: BLE001 - modelscope raises plain exceptions for HTTP failures
         raise ExportError(f"ModelScope refused the upload to {plan.repo_id}: {err}",

@@ -148,11 +148,12 @@ def plan_export(cfg: "RunConfig") -> ExportPlan:
             plan.scratch_bytes += n_params * 2
         if plan.modelfile:
             plan.files.append(("Modelfile", 2048))
-    plan.files += [(name, 64 * 2**20) for name in plan.lora_gguf_names]
+    plan.files += [(name, 2 * (Path(a) / "adapter_model.safetensors").stat().st_size)
+                   for a, name in zip(adapters, plan.lora_gguf_names)]
     plan.files.append(("README.md", 4096))
-    if e.export_hub_model_id:
-        plan.upload = plan_upload(export_dir if export_dir.is_dir() else None, e.export_hub, e.export_hub_model_id,
-                                  e.export_hub_private, _hub_token(cfg), planned_files=plan.files)
+    if e.export_hub_model_id:  # the new export's files; `--upload-only --dry-run` lists an existing folder exactly
+        plan.upload = plan_upload(None, e.export_hub, e.export_hub_model_id, e.export_hub_private, _hub_token(cfg),
+                                  planned_files=plan.files)
     return plan
 
 

@@ -10,9 +10,9 @@
 import logging
 
 from .quantize import GGUF_TYPES, KQUANT_TYPES, PYTHON_TYPES
-from .writer import GGUFReport, convert_to_gguf, estimate_gguf_bytes
+from .writer import GGUFReport, convert_to_gguf
 
 # The gguf writer logs every file plan at INFO; loraforge reports what it wrote itself.
 logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)
 
-__all__ = ["GGUF_TYPES", "GGUFReport", "KQUANT_TYPES", "PYTHON_TYPES", "convert_to_gguf", "estimate_gguf_bytes"]
+__all__ = ["GGUF_TYPES", "GGUFReport", "KQUANT_TYPES", "PYTHON_TYPES", "convert_to_gguf"]

@@ -30,7 +30,7 @@ PRE_TOKENIZER_RULES: dict[str, tuple[str, ...]] = {
     "qwen2": (_CONTRACTIONS_CI + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",),
     "llama-bpe": (_CONTRACTIONS_CI + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
                   r"|\s+(?!\S)|\s+",),
-    "gpt2": (_GPT2,),
+    "gpt-2": (_GPT2,),
 }
 
 PROBE_TEXT = (
@@ -88,7 +88,7 @@ def _split(text: str, rules: tuple[str, ...]) -> list[str]:
 
 
 def detect_pre_tokenizer(tokenizer: Any, probe: str = PROBE_TEXT) -> str:
-    """The llama.cpp pre-tokenizer name (``qwen2``, ``llama-bpe``, ``smollm``, ``gpt2``) that reproduces ``tokenizer``."""
+    """The llama.cpp pre-tokenizer name (``smollm``, ``qwen2``, ``llama-bpe``, ``gpt-2``) that reproduces ``tokenizer``."""
     from tokenizers import pre_tokenizers
 
     backend = tokenizer.backend_tokenizer
@@ -117,7 +117,7 @@ def _merges(tokenizer_json: dict[str, Any]) -> list[str]:
     return list(merges)
 
 
-def _special_flags(tokenizer: Any) -> tuple[bool, bool]:
+def special_token_flags(tokenizer: Any) -> tuple[bool, bool]:
     """(adds BOS, adds EOS) as the HF tokenizer actually behaves when encoding a plain string."""
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     full = tokenizer("a", add_special_tokens=True)["input_ids"]
@@ -163,7 +163,7 @@ def build_vocab(model_dir: Path, vocab_size: int, config: dict[str, Any]) -> GGU
         else:
             tokens.append(by_id[i])
             types.append(1)  # NORMAL
-    add_bos, add_eos = _special_flags(tokenizer)
+    add_bos, add_eos = special_token_flags(tokenizer)
 
     def pick(tok_id: int | None, key: str) -> int | None:
         if tok_id is not None:

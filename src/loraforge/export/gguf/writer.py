@@ -20,7 +20,7 @@ import numpy as np
 
 from ...errors import ExportError
 from .arch import HParams, gguf_tensor_name, llama3_rope_factors, read_hparams, to_gguf_layout, write_hparams
-from .quantize import (BITS_PER_WEIGHT, GGUF_TYPES, KQUANT_TYPES, encode, file_type, kquantize, stored_layout,
+from .quantize import (GGUF_TYPES, KQUANT_TYPES, encode, file_type, kquantize, stored_layout,
                        tensor_type)
 from .tokenizer import build_vocab, write_vocab
 
@@ -121,13 +121,6 @@ def _plan(model_dir: Path, hp: HParams, target: str) -> list[_Planned]:
     return sorted(plans, key=lambda p: _order_key(p.gguf_name))
 
 
-def estimate_gguf_bytes(model_dir: Path, quantization: str) -> int:
-    """The approximate size of the GGUF for ``quantization``, from the safetensors headers alone."""
-    shards = tensor_shards(model_dir)
-    n_params = sum(int(np.prod(s)) for s in tensor_shapes(shards).values())
-    return int(n_params * BITS_PER_WEIGHT[quantization] / 8) + 16 * 2**20  # + vocab and header
-
-
 def _write(model_dir: Path, out_path: Path, target: str, name: str, file_kind: str) -> GGUFReport:
     import gguf
     import torch
@@ -188,7 +181,11 @@ def convert_to_gguf(model_dir: str | Path, out_path: str | Path, quantization: s
     name = name or model_dir.name
     logger.info("writing GGUF %s (%s) from %s", out_path.name, quantization, model_dir)
     if quantization not in KQUANT_TYPES:
-        report = _write(model_dir, out_path, quantization, name, quantization)
+        try:
+            report = _write(model_dir, out_path, quantization, name, quantization)
+        except BaseException:
+            out_path.unlink(missing_ok=True)  # never leave a truncated GGUF behind
+            raise
     else:
         from .quantize import require_llama_cpp
 
@@ -201,6 +198,9 @@ def convert_to_gguf(model_dir: str | Path, out_path: str | Path, quantization: s
             start = time.perf_counter()
             kquantize(tmp, out_path, quantization)
             report.seconds += time.perf_counter() - start
+        except BaseException:
+            out_path.unlink(missing_ok=True)
+            raise
         finally:
             tmp.unlink(missing_ok=True)
         report.path, report.quantization, report.n_bytes = out_path, quantization, out_path.stat().st_size
