@@ -58,3 +58,15 @@ def smollm2_path() -> Path:
     from loraforge.models.builtin import resolve_builtin
 
     return resolve_builtin("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread; more threads thrash when the machine's cores are busy.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -16,13 +16,7 @@ from loraforge.evaluate.metrics import compute_metrics  # noqa: E402
 from loraforge.evaluate.predict import PREDICTIONS_FILE, batch_plan, run_predict  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run fastest on one thread; more threads thrash when the CI machine's cores are busy."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # Greedy; the penalty keeps the random tiny model from answering only newlines, so answers differ per prompt.

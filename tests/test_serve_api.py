@@ -20,13 +20,7 @@ from loraforge.serve.api import create_app  # noqa: E402
 from loraforge.serve.engine import ChatEngine, SamplingParams  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run fastest on one thread; more threads thrash when the CI machine's cores are busy."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 KEY = "sk-test-loraforge"

@@ -16,13 +16,7 @@ from loraforge.serve.engine import SamplingParams, build_engine  # noqa: E402
 from test_eval_compare import build_adapter_and_merged  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run fastest on one thread; more threads thrash when the CI machine's cores are busy."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

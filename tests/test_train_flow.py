@@ -168,3 +168,14 @@ def test_consecutive_nan_steps_stop_the_run_naming_the_steps(data_dir, tmp_path,
     out = tmp_path / "nan3"
     with pytest.raises(TrainingError, match=r"3 consecutive steps \(steps 2, 3, 4\)"):
         run_train(load_config(_cfg(data_dir, out, save_steps=100)), extra_callbacks=[_NaNAt({2, 3, 4})])
+
+
+def test_do_predict_after_training_scores_the_eval_set(data_dir, tmp_path, tiny_qwen3_path):
+    out = tmp_path / "pred"
+    run_train(load_config(_cfg(data_dir, out, max_steps=2, save_steps=100, val_size=3, do_predict=True,
+                               max_new_tokens=6, predict_batch_size=2)))
+    rows = [json.loads(x) for x in (out / "generated_predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all({"prompt", "predict", "label"} <= set(r) for r in rows)
+    assert {r["label"] for r in rows} <= {row["output"] for row in ROWS}
+    results = json.loads((out / "all_results.json").read_text())
+    assert "train_loss" in results and "predict_bleu-4" in results and "predict_rouge-l" in results
