@@ -63,7 +63,7 @@ def test_cli_train_writes_every_output(data_dir, tmp_path, tiny_qwen3_path):
                      "run_config.yaml", "trainer_log.jsonl", "train_results.json", "all_results.json",
                      "training_loss.png", "README.md", "checkpoint-4", "checkpoint-8"):
         assert required in names, f"{required} missing from {sorted(names)}"
-    assert ".staging" not in names
+    assert ".staging" not in names and ".staging-final" not in names
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["r"] == 8 and adapter["lora_alpha"] == 16
     assert "lm_head" not in adapter["target_modules"]

@@ -8,6 +8,7 @@ only once every file is on disk (see :class:`loraforge.train.trainer.LoraforgeTr
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -17,6 +18,7 @@ from ..errors import ConfigError
 logger = logging.getLogger(__name__)
 
 STAGING = ".staging"
+FINAL_STAGING = ".staging-final"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 FINAL_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
 
@@ -41,10 +43,11 @@ def newest_checkpoint(output_dir: str | Path) -> Path | None:
 
 def clean_staging(output_dir: str | Path) -> None:
     """Remove checkpoints left half-written by a run that was killed while saving."""
-    staging = Path(output_dir) / STAGING
-    if staging.exists():
-        logger.warning("removing incomplete checkpoint data in %s (a previous run stopped while saving)", staging)
-        shutil.rmtree(staging, ignore_errors=True)
+    for name in (STAGING, FINAL_STAGING):
+        staging = Path(output_dir) / name
+        if staging.exists():
+            logger.warning("removing incomplete data in %s (a previous run stopped while saving)", staging)
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def resolve_resume(output_dir: str, resume: str | bool | None, overwrite: bool) -> str | None:
@@ -82,3 +85,14 @@ def resolve_resume(output_dir: str, resume: str | bool | None, overwrite: bool) 
         for path in existing:
             shutil.rmtree(path, ignore_errors=True)
     return None
+
+
+def publish(staging: str | Path, output_dir: str | Path) -> None:
+    """Move every file of a fully written ``staging`` folder into ``output_dir`` (each move is atomic)."""
+    staging, out = Path(staging), Path(output_dir)
+    for path in sorted(staging.rglob("*")):
+        if path.is_file():
+            target = out / path.relative_to(staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+    shutil.rmtree(staging, ignore_errors=True)

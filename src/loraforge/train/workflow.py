@@ -16,7 +16,7 @@ import yaml
 from ..config import RunConfig
 from ..errors import TrainingError
 from .callbacks import InterruptCallback, JsonlLogCallback, NonFiniteGuard, ProgressBarCallback, ThroughputTracker
-from .checkpoint import resolve_resume
+from .checkpoint import FINAL_STAGING, publish, resolve_resume
 
 logger = logging.getLogger(__name__)
 
@@ -160,13 +160,18 @@ def run_train(cfg: RunConfig, *, extra_callbacks: list | None = None) -> TrainOu
         return TrainOutcome(output_dir, metrics, interrupted=True, checkpoint=ckpt)
 
     # 6. outputs: weights/adapter + tokenizer, metrics, state, plot, card
-    trainer.save_model(str(output_dir))
+    # written into a staging folder first, then moved file by file: a crash never leaves a half-written adapter
+    staging = output_dir / FINAL_STAGING
+    trainer.save_model(str(staging))
     if pissa_init_dir:  # pissa_convert: store a plain LoRA (rank 2r) that applies to the original weights
-        model.save_pretrained(str(output_dir), path_initial_model_for_weight_conversion=pissa_init_dir)
+        model.save_pretrained(str(staging), path_initial_model_for_weight_conversion=pissa_init_dir)
+    trainer.accelerator.wait_for_everyone()
+    if args.should_save:
+        publish(staging, output_dir)
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()
-    if bundle.eval is not None and args.eval_strategy != "no" or (bundle.eval is not None and args.do_eval):
+    if bundle.eval is not None and (args.eval_strategy != "no" or args.do_eval):
         eval_metrics = trainer.evaluate()
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
