@@ -38,7 +38,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     from .compare import comparison_markdown, parse_variants, run_compare
 
-    variants = parse_variants(args.variants if args.variants is not None else cfg.generation.compare, cfg)
+    chosen = args.compare if isinstance(args.compare, str) else args.variants
+    variants = parse_variants(chosen if chosen is not None else cfg.generation.compare, cfg)
     rows = run_compare(cfg, variants)
     print(comparison_markdown(rows))
     print(f"comparison written to {cfg.training.output_dir}/compare/comparison.{{md,json,png}}")
@@ -62,7 +63,9 @@ def register(sub) -> None:
                        "<output_dir>/compare/comparison.md, .json and .png with scores and load memory. "
                        + OVERRIDES_HELP)
     p.add_argument("config", help="YAML config of the base model and eval set.")
-    p.add_argument("--compare", action="store_true", help="Compare variants instead of scoring one model.")
+    p.add_argument("--compare", nargs="?", const=True, default=False, metavar="VARIANTS",
+                   help="Compare variants instead of scoring one model; optionally the variants themselves "
+                   "(same syntax as --variants), e.g. --compare base,saves/run")
     p.add_argument("--variants", default=None,
                    help="Comma-separated [label=]target[:4bit|:8bit] where target is `base`, an adapter folder or "
                    "a model folder (default: `compare:` from the config, else base and adapter_name_or_path).")
