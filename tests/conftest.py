@@ -70,3 +70,25 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def make_random_lora(base, out, *, seed: int = 1, rank: int = 4, alpha: int = 8, targets=ALL_LINEAR,
+                     std: float = 0.05, **lora_kw):
+    """Save a PEFT LoRA adapter for the model at ``base`` whose B matrices are random (so it changes the
+    model's output), for merge/export tests. ``lora_kw`` goes to ``LoraConfig`` (use_dora, use_rslora, ...)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), **lora_kw))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std)
+    peft_model.save_pretrained(str(out))
+    return Path(out)

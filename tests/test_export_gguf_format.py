@@ -18,6 +18,7 @@ from loraforge.errors import ExportError  # noqa: E402
 from loraforge.export.gguf import convert_to_gguf  # noqa: E402
 from loraforge.export.gguf.lora import convert_lora_to_gguf  # noqa: E402
 from loraforge.export.gguf.tokenizer import detect_pre_tokenizer  # noqa: E402
+from conftest import make_random_lora  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -187,19 +188,7 @@ def test_kquant_without_llama_cpp_says_how_to_get_it(tiny_qwen3_path: Path, tmp_
 
 
 def _adapter(base: Path, out: Path, **lora_kw) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                                  **lora_kw))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    peft_model.save_pretrained(str(out))
-    return out
+    return make_random_lora(base, out, targets=("q_proj", "v_proj", "down_proj"), **lora_kw)
 
 
 def test_lora_adapter_gguf(tiny_qwen3_path: Path, tmp_path: Path):

@@ -21,6 +21,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 from loraforge.export.gguf import convert_to_gguf  # noqa: E402
 from loraforge.export.gguf.lora import convert_lora_to_gguf  # noqa: E402
 from loraforge.export.gguf.quantize import kquantize  # noqa: E402
+from conftest import make_random_lora  # noqa: E402
 
 MULTILINGUAL = ("Hello, 世界! 你好，今天天气怎么样？ 🎉👍🏽🇨🇳 naïve café — Straße\n"
                 "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)  # 12345\n"
@@ -237,17 +238,7 @@ def _tiny_model(kind: str, tokenizer_dir: Path, out: Path, **overrides) -> Path:
 
 
 def _lora(base: Path, out: Path) -> Path:
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(4)
-    peft_model = get_peft_model(hf_model(base), LoraConfig(r=4, lora_alpha=8, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-    peft_model.save_pretrained(str(out))
-    return out
+    return make_random_lora(base, out, seed=4, std=0.1)
 
 
 @pytest.mark.parametrize("kind, extra", [

@@ -14,24 +14,12 @@ from safetensors.torch import load_file
 from loraforge.config import load_config
 from loraforge.export.merge import merge_adapters, save_merged
 from loraforge.export.workflow import plan_export, run_export
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from conftest import make_random_lora  # noqa: E402
 
 
 def make_adapter(base: Path, out: Path, seed: int, rank: int = 4, alpha: int = 8) -> Path:
     """A LoRA adapter with non-zero B (so it changes the model), saved in PEFT format."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    peft_model.save_pretrained(str(out))
-    return out
+    return make_random_lora(base, out, seed=seed, rank=rank, alpha=alpha)
 
 
 @pytest.fixture(scope="module")
