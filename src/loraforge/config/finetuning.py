@@ -36,5 +36,9 @@ class FinetuningArguments:
     freeze_trainable_layers: int = arg(2, "Freeze tuning: train the last N layers (negative: the first N).")
     freeze_trainable_modules: str = arg("all", "Freeze tuning: module names inside those layers (comma list or all).")
     freeze_extra_modules: Optional[str] = arg(None, "Freeze tuning: extra modules to train (e.g. embed_tokens,lm_head).")
+    # speed
+    fast_path: str = arg("auto", "loraforge's fused kernels for covered models (Qwen2/2.5, Qwen3, Llama, Mistral) and "
+                         "methods (LoRA/QLoRA): `auto` uses them when covered, `on` fails when not, `off` never.",
+                         ("auto", "on", "off"))
     # guards
     max_nonfinite_steps: int = arg(3, "Stop after this many consecutive non-finite loss/grad-norm updates.")

@@ -205,8 +205,11 @@ def _new_token_ids(tokenizer: Any, model_args: "ModelArguments") -> list[int]:
     return sorted({i for i in ids if i is not None and i != tokenizer.unk_token_id})
 
 
-def load_model(cfg: "RunConfig", tokenizer: Any, *, is_trainable: bool) -> Any:
-    """The model ready to train (``is_trainable``) or to run: weights, quantization, checkpointing, adapters."""
+def load_model(cfg: "RunConfig", tokenizer: Any, *, is_trainable: bool, fast_path: bool = False) -> Any:
+    """The model ready to train (``is_trainable``) or to run: weights, quantization, checkpointing, adapters.
+
+    ``fast_path``: the run takes the fast path (:mod:`loraforge.models.fast`), which keeps norm weights in the
+    model's 16-bit dtype (no fp32 residual stream)."""
     from transformers import AutoConfig
 
     m = cfg.model
@@ -246,7 +249,7 @@ def load_model(cfg: "RunConfig", tokenizer: Any, *, is_trainable: bool) -> Any:
         gradient_checkpointing = not m.disable_gradient_checkpointing
         if quant is not None:
             prepare_for_kbit_training(model, gradient_checkpointing=gradient_checkpointing,
-                                      use_reentrant=m.use_reentrant_gc)
+                                      use_reentrant=m.use_reentrant_gc, upcast=not fast_path)
         elif gradient_checkpointing:
             _enable_checkpointing(model, cfg)
     model = setup_finetuning(cfg, model, is_trainable=is_trainable, new_token_ids=new_token_ids)

@@ -102,7 +102,8 @@ def describe_quantization(model: Any) -> str:
     return "bitsandbytes"
 
 
-def prepare_for_kbit_training(model: Any, *, gradient_checkpointing: bool, use_reentrant: bool) -> None:
+def prepare_for_kbit_training(model: Any, *, gradient_checkpointing: bool, use_reentrant: bool,
+                              upcast: bool = True) -> None:
     """Make a k-bit model trainable with adapters (what peft's ``prepare_model_for_kbit_training`` does).
 
     Freezes every base weight, keeps norm weights in fp32 for stability, and makes the embedding output require
@@ -111,7 +112,8 @@ def prepare_for_kbit_training(model: Any, *, gradient_checkpointing: bool, use_r
     """
     for param in model.parameters():
         param.requires_grad_(False)
-    upcast_norms(model)
+    if upcast:  # the fast path's fused RMSNorm computes in fp32 internally and keeps the weights 16-bit
+        upcast_norms(model)
     if gradient_checkpointing:
         enable_checkpointing(model, use_reentrant=use_reentrant)
         model.enable_input_require_grads()

@@ -3,6 +3,8 @@
 - ``training_step``: tells the non-finite guard when a micro-batch loss is NaN/inf.
 - ``_save_checkpoint``: writes each checkpoint into a staging folder and renames it when complete.
 - ``create_optimizer``: LoRA+ parameter groups when ``loraplus_lr_ratio`` is set.
+- ``compute_loss``: on the fast path, asks the model for no logits while training (the fused loss, given as
+  the Trainer's ``compute_loss_func``, works from the final hidden states).
 """
 
 from __future__ import annotations
@@ -30,6 +32,14 @@ class LoraforgeTrainer(Seq2SeqTrainer):
         self.guard = guard
         self.loraplus = loraplus
         self._staging = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.compute_loss_func is not None and model.training and "input_ids" in inputs:
+            from ..models.fast.loss import no_logits
+
+            inputs = {**inputs, "logits_to_keep": no_logits(inputs["input_ids"])}
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)

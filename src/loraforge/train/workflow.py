@@ -88,6 +88,8 @@ def run_train(cfg: RunConfig, *, extra_callbacks: list | None = None) -> TrainOu
     from ..data.collator import build_collator
     from ..data.loader import build_datasets
     from ..data.templates import resolve_template
+    from ..models.fast import apply_fast_path, plan_fast_path
+    from ..models.fast.loss import FusedCausalLMLoss
     from ..models.loader import load_model, load_tokenizer, summarize_model
     from .plotting import plot_loss
     from .trainer import LoraforgeTrainer
@@ -110,8 +112,11 @@ def run_train(cfg: RunConfig, *, extra_callbacks: list | None = None) -> TrainOu
         bundle = build_datasets(cfg, tokenizer, template, purpose="train")
     _print_block("data:", bundle.report.lines(cutoff_len=cfg.data.cutoff_len))
 
-    # 3. model: quantization, adapters, gradient checkpointing
-    model = load_model(cfg, tokenizer, is_trainable=True)
+    # 3. model: quantization, adapters, gradient checkpointing; the fast path's modules where covered
+    plan = plan_fast_path(cfg)
+    model = load_model(cfg, tokenizer, is_trainable=True, fast_path=plan.enabled)
+    fast = apply_fast_path(model, plan)
+    loss_func = FusedCausalLMLoss(model) if fast.enabled else None
     pissa_init_dir = None
     if cfg.finetuning.pissa_init and cfg.finetuning.pissa_convert and args.should_save:
         from ..models.adapters import save_pissa_initial
@@ -125,6 +130,7 @@ def run_train(cfg: RunConfig, *, extra_callbacks: list | None = None) -> TrainOu
         f"accumulation x {world} process(es) = {effective}",
         f"precision: {'bf16' if args.bf16 else 'fp16' if args.fp16 else 'fp32'}; "
         f"gradient checkpointing: {'off' if cfg.model.disable_gradient_checkpointing else 'on'}",
+        fast.summary(),
     ]
     _print_block("model:", summary_lines)
 
@@ -140,6 +146,7 @@ def run_train(cfg: RunConfig, *, extra_callbacks: list | None = None) -> TrainOu
         model=model, args=args, train_dataset=bundle.train, eval_dataset=bundle.eval,
         data_collator=build_collator(cfg, tokenizer), processing_class=tokenizer,
         callbacks=callbacks + list(extra_callbacks or []), guard=guard, loraplus=loraplus,
+        compute_loss_func=loss_func,
     )
     trainer.remove_callback(ProgressCallback)
     if args.should_save:
@@ -185,6 +192,7 @@ def run_train(cfg: RunConfig, *, extra_callbacks: list | None = None) -> TrainOu
     if args.do_predict and trainer.is_world_process_zero():  # one predictions file, written by rank 0
         from ..evaluate.predict import run_predict
 
+        fast.restore()  # generate() needs the standard modules (KV cache, padding masks)
         run_predict(cfg, model=trainer.model, tokenizer=tokenizer)
     if guard.total_skipped:
         logger.warning("%d update(s) skipped because of non-finite loss/gradients (steps %s)",

@@ -1,0 +1,184 @@
+"""Variable-length causal attention: one implementation for packed rows, token-budget micro-batches and the
+fast path.
+
+A batch may hold several samples in one flattened row (``position_ids`` restart at 0 for each sample, or the
+flash-attention kwargs ``cu_seq_lens_q`` / ``max_length_q`` are given). No sample attends to another, and no
+[T, T] mask is ever built: on a CUDA GPU the samples go through PyTorch's own flash-attention varlen kernel
+(``torch.nn.attention.varlen.varlen_attn``); elsewhere (CPU, tests) through :func:`varlen_attention_reference`,
+which runs each sample through ``scaled_dot_product_attention`` and is the numerical reference.
+
+The function is registered with transformers' ``AttentionInterface`` under :data:`ATTENTION_NAME`, the
+documented way to add an attention kernel; :func:`use_varlen_attention` switches a model to it. It is for
+training and evaluation forwards (right padding or packing, no KV cache). Generation with left padding needs a
+padding mask, so :func:`use_generation_attention` switches a model back to ``sdpa`` before ``generate``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+ATTENTION_NAME = "loraforge_varlen"
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sample boundaries (int32 cumulative lengths, [n + 1]) and the longest sample of a batch whose rows may
+    hold several samples each, their positions restarting at 0; every row start is a boundary too.
+
+    This syncs with the host once (for the max length), so the result is cached for the position tensor of the
+    current forward (each layer asks again). Collators that know the lengths pass ``cu_seq_lens_q`` /
+    ``max_length_q`` instead."""
+    ref = _CACHE.get("ref")
+    if ref is not None and ref() is position_ids and _CACHE["version"] == position_ids._version:
+        return _CACHE["value"]
+    rows, width = position_ids.shape[0], position_ids.shape[-1]
+    restart = position_ids.reshape(rows, width) == 0
+    restart[:, 0] = True
+    starts = torch.nonzero(restart.reshape(-1), as_tuple=False).reshape(-1)
+    cu = torch.cat([starts, starts.new_full((1,), rows * width)]).to(torch.int32)
+    value = (cu, int((cu[1:] - cu[:-1]).max()))
+    _CACHE.update(ref=weakref.ref(position_ids), version=position_ids._version, value=value)
+    return value
+
+
+_CACHE: dict[str, Any] = {}
+
+
+def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                               scale: float | None = None) -> torch.Tensor:
+    """Causal attention of each sample on its own. q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D]."""
+    bounds = cu_seqlens.tolist()
+    groups = q.shape[1] // k.shape[1]
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end <= start:
+            continue
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # [H, L, D]
+        if groups > 1:
+            ks, vs = ks.repeat_interleave(groups, 0), vs.repeat_interleave(groups, 0)
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1))
+    return torch.cat(outs, 0)
+
+
+def _torch_varlen() -> Any | None:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def _varlen_kwargs(fn: Any) -> dict[str, Any]:
+    """The causal switch of ``varlen_attn`` changed between PyTorch releases (``is_causal`` -> ``window_size``)."""
+    params = inspect.signature(fn).parameters
+    if "window_size" in params:
+        return {"window_size": (-1, 0)}
+    return {"is_causal": True}
+
+
+_KERNEL: dict[str, Any] = {}
+
+
+def _kernel() -> tuple[Any, dict[str, Any], bool] | None:
+    if "fn" not in _KERNEL:
+        fn = _torch_varlen()
+        _KERNEL["fn"] = fn
+        if fn is not None:
+            _KERNEL["kwargs"] = _varlen_kwargs(fn)
+            _KERNEL["gqa"] = "enable_gqa" in inspect.signature(fn).parameters
+    fn = _KERNEL["fn"]
+    return None if fn is None else (fn, _KERNEL["kwargs"], _KERNEL["gqa"])
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
+                     scale: float | None = None) -> torch.Tensor:
+    """Causal attention within each sample of a flattened batch. q: [T, Hq, D]; k, v: [T, Hkv, D]."""
+    kernel = _kernel() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
+    if kernel is None:
+        return varlen_attention_reference(q, k, v, cu_seqlens, scale)
+    fn, kwargs, gqa = kernel
+    if k.shape[1] != q.shape[1]:
+        if gqa:
+            kwargs = {**kwargs, "enable_gqa": True}
+        else:  # older PyTorch: expand the shared K/V heads (costs memory, still exact)
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    return fn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, max_len, max_len, scale=scale, **kwargs)
+
+
+def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function contract: query [B, Hq, S, D], key/value [B, Hkv, S, D] ->
+    ([B, S, Hq, D], None). Each row is one causal sequence unless it is packed (``position_ids`` restarting
+    at 0, or ``cu_seq_lens_q`` for one flattened row): then each packed sample attends only to itself.
+    Positions that continue through a row (LLaMA-Factory's plain ``packing``) keep the row one sequence."""
+    batch, heads, seq, dim = query.shape
+    if key.shape[2] != seq:
+        raise RuntimeError(f"{ATTENTION_NAME} attention is for training and evaluation forwards (no KV cache); "
+                           "call loraforge.kernels.varlen_attention.use_generation_attention(model) before "
+                           "generate()")
+    if dropout:
+        raise RuntimeError(f"{ATTENTION_NAME} attention has no attention dropout; set attention_dropout to 0")
+    if attention_mask is not None:
+        raise RuntimeError(f"{ATTENTION_NAME} attention received a padding mask; it expects right-padded or "
+                           "packed rows (no mask)")
+    cu, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    if cu is not None and batch != 1:
+        raise RuntimeError(f"{ATTENTION_NAME} attention: cu_seq_lens_q needs the samples flattened into one row, "
+                           f"got {batch} rows")
+    if cu is None and kwargs.get("position_ids") is not None:
+        cu, max_len = cu_seqlens_from_position_ids(kwargs["position_ids"].expand(batch, -1))
+    if cu is None:  # a plain (right-padded) batch: every row is one causal sequence
+        cu = torch.arange(0, (batch + 1) * seq, seq, device=query.device, dtype=torch.int32)
+        max_len = seq
+    if not isinstance(max_len, int):
+        max_len = int(max_len)
+    q = query.transpose(1, 2).reshape(batch * seq, heads, dim)
+    k = key.transpose(1, 2).reshape(batch * seq, key.shape[1], dim)
+    v = value.transpose(1, 2).reshape(batch * seq, value.shape[1], dim)
+    out = varlen_attention(q, k, v, cu, max_len, scaling)
+    return out.reshape(batch, seq, heads, dim), None
+
+
+def register() -> None:
+    """Add :data:`ATTENTION_NAME` to transformers' attention registry (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, attention_forward)
+
+
+def use_varlen_attention(model: Any) -> None:
+    """Run ``model``'s attention through :func:`attention_forward` (training and evaluation forwards)."""
+    register()
+    _set_attention(model, ATTENTION_NAME)
+
+
+def use_generation_attention(model: Any) -> None:
+    """Switch ``model`` back to ``sdpa`` (padding masks, KV cache) if it runs the varlen attention."""
+    if _attention_of(model) == ATTENTION_NAME:
+        _set_attention(model, "sdpa")
+
+
+def _attention_of(model: Any) -> str | None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(getattr(base, "config", None), "_attn_implementation", None)
+
+
+def _set_attention(model: Any, name: str) -> None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "set_attn_implementation"):
+        base.set_attn_implementation(name)
+    else:  # older transformers: every sub-config carries the name
+        for module in base.modules():
+            config = getattr(module, "config", None)
+            if config is not None and hasattr(config, "_attn_implementation"):
+                config._attn_implementation = name

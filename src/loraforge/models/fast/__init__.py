@@ -1,0 +1,159 @@
+"""The fast path: loraforge's own forward for the decoder blocks of the architectures it covers.
+
+    plan = plan_fast_path(cfg)                      # before loading: is the model/method covered? why not?
+    model = load_model(cfg, tok, is_trainable=True, fast_path=plan.enabled)
+    fast = apply_fast_path(model, plan)             # swaps module instances; returns what it did
+    ...train... ; fast.restore()                    # the standard modules back (e.g. before generate())
+
+:func:`apply_fast_path` is the one function that changes a model: it replaces the attention, MLP and RMSNorm
+*instances* of each decoder layer (and the final norm) with the modules of :mod:`.modules`, which adopt the
+originals' children and parameters under the same names, and switches attention to the variable-length kernel.
+No library source is patched; the peft adapter, its state dict and the saved files are unchanged. The loss
+side (cross-entropy without full-vocabulary logits) is :func:`.loss.fused_causal_lm_loss`, which the Trainer
+uses through its documented ``compute_loss_func`` hook.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+COVERED = ("qwen2", "qwen3", "llama", "mistral")
+
+
+@dataclass
+class FastPathPlan:
+    """Whether the fast path runs, and the reason given to the user in the run summary."""
+
+    enabled: bool
+    reason: str
+    setting: str = "auto"
+
+
+@dataclass
+class FastPath:
+    """What :func:`apply_fast_path` swapped; :meth:`restore` puts the original modules back."""
+
+    plan: FastPathPlan
+    swapped: dict[str, int] = field(default_factory=dict)
+    _originals: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list, repr=False)
+    _attention: str | None = None
+    _use_cache: bool | None = None
+    _model: Any = field(default=None, repr=False)
+
+    @property
+    def enabled(self) -> bool:
+        return self.plan.enabled
+
+    def summary(self) -> str:
+        if not self.plan.enabled:
+            return f"fast path: off ({self.plan.reason})"
+        parts = ", ".join(f"{n} {k}" for k, n in self.swapped.items())
+        return f"fast path: on ({parts}; variable-length attention; fused linear cross-entropy)"
+
+    def restore(self) -> None:
+        """Put every original module back (the adopted children are shared, so nothing is copied)."""
+        for parent, name, original in reversed(self._originals):
+            setattr(parent, name, original)
+        self._originals.clear()
+        if self._model is not None and self._attention is not None:
+            from ...kernels.varlen_attention import _set_attention
+
+            _set_attention(self._model, self._attention)
+            _base_config(self._model).use_cache = self._use_cache
+        self.plan = FastPathPlan(False, "restored to the standard modules", self.plan.setting)
+
+
+def _uncovered_reason(cfg: Any, config: Any) -> str | None:
+    """Why ``cfg`` + the model ``config`` cannot take the fast path (None when they can)."""
+    f, m = cfg.finetuning, cfg.model
+    if f.finetuning_type != "lora":
+        return f"finetuning_type: {f.finetuning_type} uses the standard path"
+    if f.use_dora:
+        return "use_dora: DoRA uses the standard path"
+    if f.pissa_init:
+        return "pissa_init: PiSSA uses the standard path"
+    model_type = getattr(config, "model_type", None)
+    if model_type not in COVERED:
+        return f"model_type {model_type!r} is not covered (covered: {', '.join(COVERED)})"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"hidden_act {config.hidden_act!r} (the fast MLP is SwiGLU)"
+    if getattr(config, "attention_dropout", 0.0):
+        return "attention_dropout > 0"
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", model_type == "mistral") and window and window < cfg.data.cutoff_len:
+        return f"sliding-window attention ({window} < cutoff_len {cfg.data.cutoff_len})"
+    if m.upcast_layernorm:
+        return "upcast_layernorm: true keeps fp32 norms (the fast path keeps them 16-bit)"
+    if m.flash_attn == "disabled":
+        return "flash_attn: disabled asks for eager attention"
+    args = cfg.training
+    if args is not None and (getattr(args, "deepspeed", None) or getattr(args, "fsdp", None)):
+        return "DeepSpeed/FSDP shard the weights; the fast path runs on single-GPU and DDP"
+    return None
+
+
+def plan_fast_path(cfg: Any, config: Any = None) -> FastPathPlan:
+    """Decide, before any weight loads, whether this run takes the fast path (``fast_path: auto|on|off``)."""
+    from ...errors import ConfigError
+
+    setting = cfg.finetuning.fast_path
+    if setting == "off":
+        return FastPathPlan(False, "fast_path: off", setting)
+    if config is None:
+        from transformers import AutoConfig
+
+        from ..hub import resolve_model_path
+
+        config = AutoConfig.from_pretrained(resolve_model_path(cfg.model), trust_remote_code=cfg.model.trust_remote_code)
+    reason = _uncovered_reason(cfg, config)
+    if reason is None:
+        return FastPathPlan(True, "covered", setting)
+    if setting == "on":
+        raise ConfigError([f"`fast_path: on` cannot run this configuration: {reason}; use `fast_path: auto` "
+                           "(falls back to the standard path) or change what the reason names"])
+    return FastPathPlan(False, reason, setting)
+
+
+def _base_config(model: Any) -> Any:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.config
+
+
+def _decoder(model: Any) -> Any:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder() if hasattr(base, "get_decoder") else base.model
+
+
+def apply_fast_path(model: Any, plan: FastPathPlan) -> FastPath:
+    """Swap the covered module instances of ``model`` (a peft-wrapped or plain causal LM) for the fast ones."""
+    from ...kernels.varlen_attention import _attention_of, use_varlen_attention
+    from .modules import FastAttention, FastMLP, FastRMSNorm
+
+    fast = FastPath(plan)
+    if not plan.enabled:
+        return fast
+    decoder = _decoder(model)
+
+    def swap(parent: nn.Module, name: str, new_cls: type, kind: str) -> None:
+        original = getattr(parent, name)
+        setattr(parent, name, new_cls(original))
+        fast._originals.append((parent, name, original))
+        fast.swapped[kind] = fast.swapped.get(kind, 0) + 1
+
+    for layer in decoder.layers:
+        swap(layer, "self_attn", FastAttention, "attention")
+        swap(layer, "mlp", FastMLP, "MLP")
+        swap(layer, "input_layernorm", FastRMSNorm, "RMSNorm")
+        swap(layer, "post_attention_layernorm", FastRMSNorm, "RMSNorm")
+    swap(decoder, "norm", FastRMSNorm, "RMSNorm")
+    fast._attention, fast._model = _attention_of(model), model
+    config = _base_config(model)
+    fast._use_cache, config.use_cache = config.use_cache, False  # training forwards build no KV cache
+    use_varlen_attention(model)
+    return fast

@@ -1,0 +1,122 @@
+"""The fast path's modules for Llama-family decoders (Qwen2/Qwen2.5, Qwen3, Llama 3.x, Mistral).
+
+Each replaces one Hugging Face module *instance* and adopts that module's children and parameters under the same
+names (``q_proj``, ``gate_proj``, ``weight``, ...), so parameter names, the peft adapter state dict and the saved
+adapter are exactly those of the standard path. Only the forward differs:
+
+- :class:`FastRMSNorm`: the fused RMSNorm kernel; the norm weight stays in the model's dtype, so the residual
+  stream stays 16-bit (the standard QLoRA preparation upcasts it to fp32).
+- :class:`FastAttention`: Q/K/V/O through the fused LoRA function, the RoPE kernel, and the variable-length
+  attention (packed samples never attend to each other; no [T, T] mask).
+- :class:`FastMLP`: gate/up/down through the fused LoRA function and the fused SwiGLU kernel.
+
+A projection whose peft layer is in any state the fused function does not cover (adapters disabled or merged,
+several active adapters, DoRA, LoRA bias, or no adapter at all) is simply called as the module it is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...kernels.lora import lora_linear
+from ...kernels.rms_norm import rms_norm
+from ...kernels.rope import apply_rope
+from ...kernels.swiglu import swiglu
+from ...kernels.varlen_attention import attention_forward
+
+_BASE_KINDS = ("Linear", "Linear4bit", "Linear8bitLt")
+
+
+def lora_parts(layer: nn.Module) -> tuple[nn.Module, torch.Tensor, torch.Tensor, float, nn.Module] | None:
+    """(base layer, A, B, scaling, dropout) when ``layer`` is a peft LoRA layer the fused function covers."""
+    lora_a = getattr(layer, "lora_A", None)
+    if lora_a is None or getattr(layer, "disable_adapters", False) or getattr(layer, "merged", False):
+        return None
+    active = layer.active_adapters
+    if len(active) != 1 or active[0] not in lora_a:
+        return None
+    name = active[0]
+    if layer.use_dora.get(name, False) or getattr(layer, "lora_bias", {}).get(name, False):
+        return None
+    if getattr(layer, "lora_variant", {}).get(name) is not None:
+        return None
+    base = layer.get_base_layer()
+    if type(base).__name__ not in _BASE_KINDS:
+        return None
+    return base, lora_a[name].weight, layer.lora_B[name].weight, layer.scaling[name], layer.lora_dropout[name]
+
+
+def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` for a LoRA projection, through the fused function when it covers the layer."""
+    parts = lora_parts(layer)
+    if parts is None:
+        return layer(x)
+    base, a, b, scaling, dropout = parts
+    active = isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0
+    return lora_linear(x, base, a, b, scaling, dropout if active else None)
+
+
+class FastRMSNorm(nn.Module):
+    """RMSNorm with the fused kernel; adopts the original module's ``weight`` and epsilon."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.weight = original.weight
+        self.variance_epsilon = getattr(original, "variance_epsilon", getattr(original, "eps", 1e-6))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, fused"
+
+
+class FastMLP(nn.Module):
+    """``down(silu(gate(x)) * up(x))`` with fused LoRA projections and the fused SwiGLU kernel."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = original.gate_proj, original.up_proj, original.down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return project(self.down_proj, swiglu(project(self.gate_proj, x), project(self.up_proj, x)))
+
+
+class FastAttention(nn.Module):
+    """Self-attention of the Llama family (optional Qwen3 q/k norms, optional Q/K/V bias) on the fast kernels."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.config = original.config
+        self.layer_idx = original.layer_idx
+        self.head_dim = original.head_dim
+        self.scaling = original.scaling
+        self.is_causal = True
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(self, name, getattr(original, name))
+        for name in ("q_norm", "k_norm"):  # Qwen3 normalises each head of q and k
+            norm = getattr(original, name, None)
+            if norm is not None:
+                setattr(self, name, FastRMSNorm(norm))
+            else:
+                setattr(self, name, None)
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+            raise RuntimeError("the fast path's attention is for training; restore the standard modules "
+                               "(FastPath.restore()) before generating")
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        q = project(self.q_proj, hidden_states).view(hidden_shape)
+        k = project(self.k_proj, hidden_states).view(hidden_shape)
+        v = project(self.v_proj, hidden_states).view(hidden_shape)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = position_embeddings
+        q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        out, _ = attention_forward(self, q, k, v.transpose(1, 2), None, scaling=self.scaling, **kwargs)
+        return project(self.o_proj, out.reshape(*input_shape, -1)), None

@@ -1,0 +1,228 @@
+"""The fast path equals the standard path: logits, loss and every LoRA gradient (fp32, CPU, tiny random
+Qwen3 / Qwen2 / Llama / Mistral), packed samples stay apart, 4-bit and 8-bit bases, dropout, rsLoRA, and
+restore() gives the standard modules back."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from loraforge.models.fast import FastPathPlan, apply_fast_path
+from loraforge.models.fast.loss import FusedCausalLMLoss, no_logits
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SIZES = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256)
+
+
+def tiny_model(arch: str, *, dropout: float = 0.0, rslora: bool = False):
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    extra = {"head_dim": 16} if arch == "qwen3" else {}
+    if arch == "qwen2":
+        extra["use_sliding_window"] = False
+    config_cls = {"qwen3": "Qwen3Config", "qwen2": "Qwen2Config", "llama": "LlamaConfig",
+                  "mistral": "MistralConfig"}[arch]
+    config = getattr(transformers, config_cls)(**SIZES, **extra)
+    config._attn_implementation = "sdpa"
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS, init_lora_weights=False,
+                      use_rslora=rslora, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def lora_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def standard_loss(model, ids, labels, **kw):
+    return model(input_ids=ids, labels=labels, **kw).loss
+
+
+def fast_loss(model, ids, labels, **kw):
+    loss_fn = FusedCausalLMLoss(model)
+    try:
+        out = model(input_ids=ids, logits_to_keep=no_logits(ids), **kw)
+        assert out.logits.numel() == 0  # the full-vocabulary logits are never built
+        return loss_fn(out, labels)
+    finally:
+        loss_fn.close()
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-4) -> bool:
+    return bool((a - b).abs().max() <= rel * b.abs().max().clamp(min=1e-6))
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama", "mistral"])
+def test_fast_path_equals_standard(arch):
+    std = tiny_model(arch)
+    fast_model = copy.deepcopy(std)
+    fast = apply_fast_path(fast_model, FastPathPlan(True, "test"))
+    assert fast.swapped == {"attention": 2, "MLP": 2, "RMSNorm": 5}
+    ids = torch.randint(0, 256, (2, 24))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    labels[1, 20:] = -100
+
+    with torch.no_grad():
+        torch.testing.assert_close(fast_model(input_ids=ids).logits, std(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+    ref = standard_loss(std, ids, labels)
+    ref.backward()
+    got = fast_loss(fast_model, ids, labels)
+    got.backward()
+    assert abs(got.item() - ref.item()) <= 1e-4 * abs(ref.item())
+    ref_grads, got_grads = lora_grads(std), lora_grads(fast_model)
+    assert ref_grads.keys() == got_grads.keys() and len(ref_grads) == 2 * 2 * len(TARGETS)
+    for name in ref_grads:
+        assert _close(got_grads[name], ref_grads[name]), name
+
+
+def test_packed_samples_do_not_attend_to_each_other():
+    """Two samples in one row (positions restart) give each sample's own loss: the fast path's varlen attention
+    against the standard path run on each sample alone."""
+    model = tiny_model("qwen3")
+    apply_fast_path(model, FastPathPlan(True, "test"))
+    a, b = torch.randint(0, 256, (1, 11)), torch.randint(0, 256, (1, 7))
+    row = torch.cat([a, b], 1)
+    pos = torch.cat([torch.arange(11), torch.arange(7)])[None]
+    labels = row.clone()
+    labels[0, 11] = -100  # the first label of each sample is never a target (no shift across samples)
+    with torch.no_grad():
+        packed = fast_loss(model, row, labels, position_ids=pos) * (labels[:, 1:] != -100).sum()
+        alone = (fast_loss(model, a, a) * 10 + fast_loss(model, b, b) * 6)
+    assert abs(packed.item() - alone.item()) <= 1e-4 * alone.item()
+
+
+def test_dropout_and_rslora_match():
+    std = tiny_model("qwen3", dropout=0.1, rslora=True)
+    fast_model = copy.deepcopy(std)
+    apply_fast_path(fast_model, FastPathPlan(True, "test"))
+    ids = torch.randint(0, 256, (2, 16))
+    torch.manual_seed(1)
+    ref = standard_loss(std, ids, ids)
+    ref.backward()
+    torch.manual_seed(1)  # same dropout masks: both paths draw them in the same order
+    got = fast_loss(fast_model, ids, ids)
+    got.backward()
+    assert abs(got.item() - ref.item()) <= 1e-4 * abs(ref.item())
+    for name, grad in lora_grads(std).items():
+        assert _close(lora_grads(fast_model)[name], grad), name
+
+
+def test_restore_gives_the_standard_modules_back():
+    model = tiny_model("llama")
+    before = [type(m).__name__ for m in model.modules()]
+    names = [n for n, _ in model.named_parameters()]
+    fast = apply_fast_path(model, FastPathPlan(True, "test"))
+    assert [n for n, _ in model.named_parameters()] == names  # same parameter names: same adapter files
+    assert "FastAttention" in {type(m).__name__ for m in model.modules()}
+    fast.restore()
+    assert [type(m).__name__ for m in model.modules()] == before
+    assert model.get_base_model().config._attn_implementation == "sdpa"
+    out = model.generate(torch.randint(0, 256, (1, 5)), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 8)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_base_matches(bits):
+    """QLoRA: the fused function dequantizes the same bitsandbytes weights peft's layers use."""
+    pytest.importorskip("bitsandbytes")
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    config = transformers.Qwen3Config(**SIZES, head_dim=16)
+    torch.manual_seed(0)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
+        q = (transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+             if bits == 4 else transformers.BitsAndBytesConfig(load_in_8bit=True))
+        base = transformers.AutoModelForCausalLM.from_pretrained(tmp, quantization_config=q, dtype=torch.float32,
+                                                                 attn_implementation="sdpa", device_map={"": "cpu"})
+    for p in base.parameters():
+        p.requires_grad_(False)
+    std = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
+    ids = torch.randint(0, 256, (2, 12))
+    ref = standard_loss(std, ids, ids)
+    ref.backward()
+    ref_grads = lora_grads(std)
+    std.zero_grad(set_to_none=True)
+    apply_fast_path(std, FastPathPlan(True, "test"))  # same weights, now through the fast modules
+    got = fast_loss(std, ids, ids)
+    got.backward()
+    if bits == 8:
+        # LLM.int8 quantizes the activations too (in fp16); the fused function multiplies by the dequantized
+        # weight in the input dtype, so the two agree only to ~1%: the exact check is test_lora_linear_function
+        assert abs(got.item() - ref.item()) <= 2e-2 * abs(ref.item())
+        return
+    assert abs(got.item() - ref.item()) <= 1e-3 * abs(ref.item())
+    for name, grad in ref_grads.items():
+        assert _close(lora_grads(std)[name], grad, rel=1e-3), name
+
+
+@pytest.mark.parametrize("kind", ["plain", "bias", "4bit", "8bit"])
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_lora_linear_function(kind, dropout):
+    """The fused autograd function against plain autograd on the same (dequantized) weight: output and the
+    gradients of x, A and B, for plain / biased / 4-bit / 8-bit bases, with and without dropout."""
+    from loraforge.kernels.lora import lora_linear, lora_linear_reference
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 40, bias=kind == "bias")
+    if kind in ("4bit", "8bit"):
+        bnb = pytest.importorskip("bitsandbytes")
+        if kind == "4bit":
+            base = bnb.nn.Linear4bit(48, 40, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+            base.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4")
+        else:
+            base = bnb.nn.Linear8bitLt(48, 40, bias=False, has_fp16_weights=False)
+            base.weight = bnb.nn.Int8Params(linear.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+        base = base.to("cpu")  # quantizes
+    else:
+        base = linear.requires_grad_(False)
+    a = torch.randn(4, 48, requires_grad=True)
+    b = torch.randn(40, 4, requires_grad=True)
+    drop = torch.nn.Dropout(dropout) if dropout else None
+    results = []
+    for fn in (lora_linear_reference, lora_linear):
+        x = torch.randn(3, 5, 48, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+        torch.manual_seed(2)
+        out = fn(x, base, a, b, 0.5, drop)
+        out.pow(2).sum().backward()
+        results.append((out.detach(), x.grad, a.grad.clone(), b.grad.clone()))
+        a.grad = b.grad = None
+    for ref, got in zip(*results):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def _cfg(**over):
+    finetuning = dict(finetuning_type="lora", use_dora=False, pissa_init=False, fast_path="auto")
+    model = dict(upcast_layernorm=False, flash_attn="auto")
+    for key, value in over.items():
+        (finetuning if key in finetuning else model)[key] = value
+    return SimpleNamespace(finetuning=SimpleNamespace(**finetuning), model=SimpleNamespace(**model),
+                           data=SimpleNamespace(cutoff_len=1024), training=None)
+
+
+def test_plan_says_why_not():
+    from loraforge.errors import ConfigError
+    from loraforge.models.fast import plan_fast_path
+
+    qwen3 = SimpleNamespace(model_type="qwen3", hidden_act="silu", attention_dropout=0.0, sliding_window=None)
+    assert plan_fast_path(_cfg(), qwen3).enabled
+    assert plan_fast_path(_cfg(fast_path="off"), qwen3).reason == "fast_path: off"
+    plan = plan_fast_path(_cfg(use_dora=True), qwen3)
+    assert not plan.enabled and "DoRA" in plan.reason
+    gemma = SimpleNamespace(model_type="gemma2", hidden_act="gelu")
+    assert "gemma2" in plan_fast_path(_cfg(), gemma).reason
+    with pytest.raises(ConfigError, match="fast_path: on"):
+        plan_fast_path(_cfg(fast_path="on"), gemma)
