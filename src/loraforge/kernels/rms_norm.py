@@ -1,0 +1,140 @@
+"""RMSNorm as Qwen2/Qwen3/Llama/Mistral compute it, with a fused Triton forward and backward.
+
+Hugging Face's ``Qwen3RMSNorm.forward`` (and ``LlamaRMSNorm``, identical) does, in this order:
+normalise in fp32, cast the normalised tensor back to the input dtype, then multiply by the weight, so the
+output dtype is the promotion of the two (bf16 input with fp32 weights gives fp32). The kernel reproduces
+that rounding step, so in bf16 it matches the eager module up to the last bit of the row statistics.
+
+The backward saves the input and one fp32 ``rstd`` per row instead of the fp32 normalised tensor, which
+eager autograd keeps (2x the activation in bf16).
+"""
+
+import torch
+
+from loraforge.kernels._triton import cdiv, jit, next_power_of_2, program_count, tl
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The exact eager computation of ``transformers`` Qwen3RMSNorm/LlamaRMSNorm (``weight`` of shape [H])."""
+    input_dtype = x.dtype
+    h = x.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + eps)
+    return weight * h.to(input_dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension; the Triton kernel where ``use_triton(x)``, else the reference."""
+    from loraforge.kernels import use_triton
+
+    if use_triton(x) and x.shape[-1] <= _MAX_COLS:
+        return rms_norm_triton(x, weight, eps)
+    return rms_norm_reference(x, weight, eps)
+
+
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The Triton autograd Function without dispatch (tests call it under ``TRITON_INTERPRET=1``)."""
+    return _RMSNormFunction.apply(x, weight, eps)
+
+
+# One program holds whole rows in registers; wider rows (no covered model has them) take the reference.
+_MAX_COLS = 32768
+
+
+def _launch_shape(n_cols: int) -> tuple[int, int, int]:
+    """(block of columns, rows per program, warps): narrow rows (q/k norms, head_dim 128) batch rows so a
+    program still moves ~4K elements; wide rows (hidden 4096+) take one row per program and more warps."""
+    block = next_power_of_2(n_cols)
+    rows = max(1, min(16, 4096 // block))
+    warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
+    return block, rows, warps
+
+
+def _rows_view(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as [rows, cols] with unit column stride (a copy only when the layout forces one)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+@jit
+def _rms_norm_fwd(X, W, Y, RSTD, n_rows, n_cols, stride_x, stride_y, eps,
+                  ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    row_ok = rows < n_rows
+    col_ok = cols < n_cols
+    mask = row_ok[:, None] & col_ok[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+    # Round the normalised row to the input dtype before the weight multiply, as the eager module does.
+    normed = (x * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    y = normed * w[None, :]
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
+
+
+@jit
+def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PART, n_rows, n_cols, stride_dy, stride_x, stride_dx,
+                  HAS_DW: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    # Persistent programs: each walks every nprog-th block of rows and keeps its share of dW in registers,
+    # so the partial-dW buffer is [programs, H] rather than [rows, H].
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK)
+    col_ok = cols < n_cols
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for block_id in range(pid, tl.cdiv(n_rows, ROWS), nprog):
+        rows = (block_id * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+        row_ok = rows < n_rows
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        xhat = x * rstd[:, None]
+        dn = dy * w[None, :]
+        # d/dx of x * rstd(x): rstd * (dn - xhat * mean(dn * xhat)).
+        c = tl.sum(dn * xhat, axis=1) / n_cols
+        dx = (dn - xhat * c[:, None]) * rstd[:, None]
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_DW:
+            normed = xhat.to(X.dtype.element_ty).to(tl.float32)
+            dw_acc += tl.sum(dy * normed, axis=0)
+    if HAS_DW:
+        tl.store(DW_PART + pid * n_cols + cols, dw_acc, mask=col_ok)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x2 = _rows_view(x)
+        n_rows, n_cols = x2.shape
+        y = torch.empty((n_rows, n_cols), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+        rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+        block, rows, warps = _launch_shape(n_cols)
+        _rms_norm_fwd[(cdiv(n_rows, rows),)](
+            x2, weight, y, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), eps,
+            ROWS=rows, BLOCK=block, num_warps=warps,
+        )
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.x_shape = x.shape
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        n_rows, n_cols = x2.shape
+        dy2 = _rows_view(dy)
+        dx = torch.empty_like(x2)
+        has_dw = ctx.needs_input_grad[1]
+        block, rows, warps = _launch_shape(n_cols)
+        nprog = max(1, min(program_count(x2.device), cdiv(n_rows, rows)))
+        dw_part = torch.empty((nprog, n_cols), dtype=torch.float32, device=x2.device) if has_dw else dx
+        _rms_norm_bwd[(nprog,)](
+            dy2, x2, weight, rstd, dx, dw_part, n_rows, n_cols, dy2.stride(0), x2.stride(0), dx.stride(0),
+            HAS_DW=has_dw, ROWS=rows, BLOCK=block, num_warps=warps,
+        )
+        dw = dw_part.sum(0).to(weight.dtype) if has_dw else None
+        return dx.view(ctx.x_shape), dw, None
+

@@ -1,0 +1,151 @@
+"""Parity checks of the Triton kernels against their references, shared by two callers.
+
+``test_kernels_triton.py`` runs them in fp32 on CPU tensors under ``TRITON_INTERPRET=1``, and the
+``gpu``-marked tests of each ``test_kernels_<op>.py`` run them on CUDA in bf16 (and fp32). Each check takes
+the implementation under test, so the same case proves the interpreter and the compiled kernel.
+
+Tolerances: in fp32 the kernels must equal the reference up to reduction order (``FP32``). In bf16 the
+output is compared with the eager bf16 reference (which the kernels reproduce rounding step by rounding
+step) and the gradients with an fp32 reference on the same inputs: a bf16 value carries ~3 significant
+digits, so ``BF16`` allows one to two units in the last place of the result's scale.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP32 = dict(rtol=1e-5, atol=1e-5)
+BF16 = dict(rtol=2e-2, atol=2e-2)
+
+
+def tol(dtype: torch.dtype) -> dict:
+    return FP32 if dtype == torch.float32 else BF16
+
+
+def _grads(outputs, inputs, cotangents):
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    cotangents = cotangents if isinstance(cotangents, tuple) else (cotangents,)
+    wanted = [t for t in inputs if t.requires_grad]
+    return torch.autograd.grad(outputs, wanted, cotangents)
+
+
+def _leaf(t: torch.Tensor, dtype: torch.dtype, requires_grad: bool = True) -> torch.Tensor:
+    return t.detach().to(dtype).requires_grad_(requires_grad)
+
+
+def _close(actual, expected, dtype, what):
+    # Scale-aware: compare against the reference's magnitude so large-valued gradients are not over-strict.
+    expected = expected.float()
+    t = tol(dtype)
+    scale = expected.abs().max().clamp(min=1.0).item() if dtype != torch.float32 else 1.0
+    torch.testing.assert_close(actual.float(), expected, rtol=t["rtol"], atol=t["atol"] * scale,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def check_rms_norm(impl, reference, *, rows: int, cols: int, device: str, dtype: torch.dtype,
+                   weight_grad: bool = True, weight_dtype: torch.dtype | None = None, seed: int = 0) -> None:
+    """``impl(x, w, eps)`` against ``reference``: output, dx and (if trained) dw."""
+    g = torch.Generator().manual_seed(seed)
+    x32 = torch.randn(rows, cols, generator=g) * 3
+    w32 = 1 + 0.1 * torch.randn(cols, generator=g)
+    dy32 = torch.randn(rows, cols, generator=g)
+    wd = weight_dtype or dtype
+    x, w = _leaf(x32.to(device), dtype), _leaf(w32.to(device), wd, weight_grad)
+    y = impl(x, w, 1e-6)
+    assert y.dtype == torch.promote_types(dtype, wd)
+    if dtype != torch.float32:  # the kernel reproduces the eager rounding steps
+        _close(y, reference(x, w, 1e-6), dtype, "rms_norm output vs eager")
+    xr, wr = _leaf(x32.to(device), torch.float32), _leaf(w32.to(device), torch.float32, weight_grad)
+    yr = reference(xr, wr, 1e-6)
+    _close(y, yr, dtype, "rms_norm output")
+    dy = dy32.to(device)
+    got = _grads(y, (x, w), dy.to(y.dtype))
+    want = _grads(yr, (xr, wr), dy)
+    assert len(got) == (2 if weight_grad else 1)
+    for name, a, b in zip(("dx", "dw"), got, want):
+        _close(a, b, dtype, f"rms_norm {name}")
+
+
+def check_swiglu(impl, reference, *, rows: int, cols: int, device: str, dtype: torch.dtype,
+                 fused_slices: bool = False, seed: int = 0) -> None:
+    """``impl(gate, up)`` against ``reference``; ``fused_slices`` feeds column views of one [rows, 2I] tensor."""
+    g = torch.Generator().manual_seed(seed)
+    gu32 = torch.randn(rows, 2 * cols, generator=g) * 2
+    dy32 = torch.randn(rows, cols, generator=g)
+
+    def inputs(dt):
+        if fused_slices:
+            gu = _leaf(gu32.to(device), dt)
+            return gu, (gu[:, :cols], gu[:, cols:])
+        gate, up = _leaf(gu32[:, :cols].to(device), dt), _leaf(gu32[:, cols:].to(device), dt)
+        return None, (gate, up)
+
+    fused, (gate, up) = inputs(dtype)
+    y = impl(gate, up)
+    if dtype != torch.float32:
+        _close(y, reference(gate, up), dtype, "swiglu output vs eager")
+    fused_r, (gate_r, up_r) = inputs(torch.float32)
+    yr = reference(gate_r, up_r)
+    _close(y, yr, dtype, "swiglu output")
+    dy = dy32.to(device)
+    got = _grads(y, (fused,) if fused_slices else (gate, up), dy.to(y.dtype))
+    want = _grads(yr, (fused_r,) if fused_slices else (gate_r, up_r), dy)
+    for a, b in zip(got, want):
+        _close(a, b, dtype, "swiglu grad")
+
+
+def rope_tables(batch: int, seq: int, head_dim: int, device: str, *, broadcast_batch: bool = False,
+                packed: bool = False):
+    """cos/sin as Qwen3RotaryEmbedding builds them ([B, S, D], both halves equal), fp32.
+
+    ``packed`` restarts the positions mid-sequence, as packed samples do.
+    """
+    inv_freq = 1.0 / (1_000_000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    pos = torch.arange(seq, dtype=torch.float32)
+    if packed:
+        pos = torch.cat([torch.arange(seq // 2), torch.arange(seq - seq // 2)]).float()
+    pos = pos.expand(1 if broadcast_batch else batch, seq)
+    emb = torch.cat([pos[..., None] * inv_freq] * 2, dim=-1)
+    return emb.cos().to(device), emb.sin().to(device)
+
+
+def check_rope(impl, reference, *, batch: int, seq: int, q_heads: int, kv_heads: int, head_dim: int,
+               device: str, dtype: torch.dtype, transposed: bool = True, broadcast_batch: bool = False,
+               generic_tables: bool = False, seed: int = 0) -> None:
+    """``impl(q, k, cos, sin)`` against ``reference``; ``transposed`` passes [B, S, H, D].transpose(1, 2)
+    views as the HF attention does; ``generic_tables`` uses random cos/sin (halves unequal)."""
+    g = torch.Generator().manual_seed(seed)
+    q32 = torch.randn(batch, seq, q_heads, head_dim, generator=g)
+    k32 = torch.randn(batch, seq, kv_heads, head_dim, generator=g)
+    dq32 = torch.randn(batch, q_heads, seq, head_dim, generator=g)
+    dk32 = torch.randn(batch, kv_heads, seq, head_dim, generator=g)
+    if generic_tables:
+        nb = 1 if broadcast_batch else batch
+        cos32, sin32 = torch.randn(nb, seq, head_dim, generator=g), torch.randn(nb, seq, head_dim, generator=g)
+        cos32, sin32 = cos32.to(device), sin32.to(device)
+    else:
+        cos32, sin32 = rope_tables(batch, seq, head_dim, device, broadcast_batch=broadcast_batch, packed=True)
+
+    def inputs(dt):
+        ql, kl = _leaf(q32.to(device), dt), _leaf(k32.to(device), dt)
+        if transposed:
+            return ql, kl, ql.transpose(1, 2), kl.transpose(1, 2)
+        ql = _leaf(q32.transpose(1, 2).contiguous().to(device), dt)
+        kl = _leaf(k32.transpose(1, 2).contiguous().to(device), dt)
+        return ql, kl, ql, kl
+
+    ql, kl, q, k = inputs(dtype)
+    qo, ko = impl(q, k, cos32.to(dtype), sin32.to(dtype))
+    if dtype != torch.float32:
+        qe, ke = reference(q, k, cos32.to(dtype), sin32.to(dtype))
+        _close(qo, qe, dtype, "rope q vs eager")
+        _close(ko, ke, dtype, "rope k vs eager")
+    qlr, klr, qr, kr = inputs(torch.float32)
+    qro, kro = reference(qr, kr, cos32, sin32)
+    _close(qo, qro, dtype, "rope q")
+    _close(ko, kro, dtype, "rope k")
+    dq, dk = dq32.to(device), dk32.to(device)
+    got = _grads((qo, ko), (ql, kl), (dq.to(dtype), dk.to(dtype)))
+    want = _grads((qro, kro), (qlr, klr), (dq, dk))
+    for name, a, b in zip(("dq", "dk"), got, want):
+        _close(a, b, dtype, f"rope {name}")

@@ -1,0 +1,116 @@
+"""The Triton kernels themselves, run on CPU tensors by Triton's interpreter.
+
+``TRITON_INTERPRET=1`` must be set before the kernels are defined (Triton decides at decoration time), so
+the outer test starts one child pytest on this file with it set; in the child the parity tests run, in the
+normal session they are skipped. Without Triton installed everything here is skipped. On a GPU the same
+cases run compiled, in bf16, from the ``gpu`` tests of each ``test_kernels_<op>.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraforge.kernels import triton_available
+
+import kernel_cases as cases
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+REPO = Path(__file__).resolve().parents[1]
+in_child = pytest.mark.skipif(not INTERPRETED, reason="runs in the child started by test_triton_kernels_interpreted")
+
+
+@pytest.mark.skipif(INTERPRETED or not triton_available(), reason="needs triton (CUDA PyTorch ships it)")
+def test_triton_kernels_interpreted():
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)), "-k", "not interpreted"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+
+
+@in_child
+@pytest.mark.parametrize("rows,cols,weight_grad", [(1, 1, True), (7, 33, True), (130, 128, True), (5, 300, False),
+                                                    (3, 4100, True)])
+def test_rms_norm_kernel(rows, cols, weight_grad):
+    from loraforge.kernels.rms_norm import rms_norm_reference, rms_norm_triton
+
+    cases.check_rms_norm(rms_norm_triton, rms_norm_reference, rows=rows, cols=cols, device="cpu",
+                         dtype=torch.float32, weight_grad=weight_grad)
+
+
+@in_child
+def test_rms_norm_kernel_mixed_dtypes():
+    """bf16 activations with fp32 weights (what QLoRA preparation leaves) give fp32 output, like HF."""
+    from loraforge.kernels.rms_norm import rms_norm_reference, rms_norm_triton
+
+    cases.check_rms_norm(rms_norm_triton, rms_norm_reference, rows=9, cols=64, device="cpu",
+                         dtype=torch.bfloat16, weight_dtype=torch.float32)
+
+
+@in_child
+def test_rms_norm_kernel_keeps_leading_shape():
+    from loraforge.kernels.rms_norm import rms_norm_reference, rms_norm_triton
+
+    x = torch.randn(2, 3, 4, 16)
+    w = torch.randn(16)
+    torch.testing.assert_close(rms_norm_triton(x, w, 1e-5), rms_norm_reference(x, w, 1e-5), **cases.FP32)
+
+
+@in_child
+@pytest.mark.parametrize("rows,cols,fused", [(1, 1, False), (5, 37, False), (6, 1500, True), (3, 2048, True)])
+def test_swiglu_kernel(rows, cols, fused):
+    from loraforge.kernels.swiglu import swiglu_reference, swiglu_triton
+
+    cases.check_swiglu(swiglu_triton, swiglu_reference, rows=rows, cols=cols, device="cpu",
+                       dtype=torch.float32, fused_slices=fused)
+
+
+@in_child
+def test_swiglu_kernel_bf16_matches_eager_rounding():
+    from loraforge.kernels.swiglu import swiglu_reference, swiglu_triton
+
+    cases.check_swiglu(swiglu_triton, swiglu_reference, rows=4, cols=300, device="cpu", dtype=torch.bfloat16)
+
+
+@in_child
+@pytest.mark.parametrize(
+    "batch,seq,qh,kh,dim,transposed,bcast,generic",
+    [(1, 1, 1, 1, 2, True, False, False), (2, 5, 4, 2, 16, True, False, False), (2, 7, 6, 3, 24, False, True, False),
+     (3, 4, 5, 1, 10, True, False, True), (1, 9, 4, 4, 128, True, True, True)],
+)
+def test_rope_kernel(batch, seq, qh, kh, dim, transposed, bcast, generic):
+    from loraforge.kernels.rope import apply_rope_reference, apply_rope_triton
+
+    cases.check_rope(apply_rope_triton, apply_rope_reference, batch=batch, seq=seq, q_heads=qh, kv_heads=kh,
+                     head_dim=dim, device="cpu", dtype=torch.float32, transposed=transposed,
+                     broadcast_batch=bcast, generic_tables=generic)
+
+
+@in_child
+def test_rope_kernel_bf16_matches_eager_rounding():
+    from loraforge.kernels.rope import apply_rope_reference, apply_rope_triton
+
+    cases.check_rope(apply_rope_triton, apply_rope_reference, batch=2, seq=6, q_heads=4, kv_heads=2, head_dim=32,
+                     device="cpu", dtype=torch.bfloat16)
+
+
+@in_child
+def test_rope_kernel_output_keeps_input_layout():
+    """Transposed [B, S, H, D] views come back in the same memory layout, so the attention call that
+    follows sees the strides it would see on the eager path."""
+    from loraforge.kernels.rope import apply_rope_triton
+
+    cos, sin = cases.rope_tables(2, 5, 8, "cpu")
+    q = torch.randn(2, 5, 3, 8).transpose(1, 2)
+    k = torch.randn(2, 5, 1, 8).transpose(1, 2)
+    qo, ko = apply_rope_triton(q, k, cos, sin)
+    assert qo.stride() == q.stride() and ko.stride() == k.stride()
