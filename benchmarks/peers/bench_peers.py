@@ -1,0 +1,278 @@
+"""Side by side on one CUDA GPU: loraforge (its real `run_train` flow) vs HF + PEFT + bitsandbytes vs Unsloth.
+
+Each stack runs in its own process on the same token batches (random ids, labels = ids) of a random-weight
+Qwen3 model of a real size with the real Qwen3 tokenizer: nf4 + double quantization (or a 16-bit base with
+--lora16), LoRA r16 alpha16 on the 7 projections, AdamW lr 2e-4. Recorded per stack: tokens/s (all tokens are
+real here), seconds/step, peak allocated memory, first/last loss; with the command, GPU and package versions.
+
+    python benchmarks/peers/bench_peers.py --size 8b --regimes a,b,c --out benchmarks/results/peers_8b
+    # a: seq 2048 x batch 4, each stack's default checkpointing; b: no checkpointing; c: seq 16384 x batch 1
+Workers: loraforge, loraforge_std (fast_path: off), hf, unsloth; `_nogc` turns checkpointing off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+REGIMES = {
+    "a": dict(seq=2048, bs=4, workers=["loraforge", "hf", "unsloth"]),
+    "b": dict(seq=2048, bs=4, workers=["loraforge_nogc", "unsloth_nogc"]),
+    "c": dict(seq=16384, bs=1, workers=["loraforge", "hf", "unsloth"]),
+}
+
+
+def make_model(size: str, path: Path, tokenizer: Path | None) -> None:
+    import shutil
+
+    import torch
+    from qwen3_shapes import qwen3_config
+    from transformers import Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        torch.set_default_dtype(torch.bfloat16)
+        model = Qwen3ForCausalLM(qwen3_config(size))
+    torch.set_default_dtype(torch.float32)
+    model.save_pretrained(path, max_shard_size="5GB")
+    if tokenizer is not None:
+        for f in tokenizer.iterdir():
+            shutil.copy(f, path / f.name)
+    else:
+        from loraforge.models.qwen3_tokenizer import write_qwen3_tokenizer
+
+        write_qwen3_tokenizer(path)
+
+
+def batches(seq: int, bs: int, n: int = 4):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 151643, (bs, seq), generator=g) for _ in range(n)]
+
+
+def _report(kind, seq, bs, steps, dt, losses, load_s, trainable, extra=None):
+    import torch
+
+    row = {"worker": kind, "seq": seq, "bs": bs, "tok_per_s": round(bs * seq * steps / dt),
+           "s_per_step": round(dt / steps, 3), "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+           "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2), "trainable": trainable,
+           "load_s": round(load_s, 1), "loss_first_last": [losses[0], losses[-1]] if losses else None,
+           "losses": losses}
+    row.update(extra or {})
+    print("RESULT " + json.dumps(row), flush=True)
+
+
+def worker_peer(kind: str, path: str, seq: int, bs: int, steps: int, warmup: int, lora16: bool) -> None:
+    """HF + PEFT + bitsandbytes, or Unsloth: a plain loop (what their users run)."""
+    import torch
+
+    t0 = time.time()
+    gc = not kind.endswith("_nogc")
+    base = kind.replace("_nogc", "")
+    if base == "unsloth":
+        from unsloth import FastLanguageModel
+
+        model, _ = FastLanguageModel.from_pretrained(path, max_seq_length=seq, load_in_4bit=not lora16,
+                                                     dtype=torch.bfloat16)
+        model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, bias="none",
+                                                 target_modules=TARGETS, random_state=3407,
+                                                 use_gradient_checkpointing="unsloth" if gc else False)
+    else:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        q = None if lora16 else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                   bnb_4bit_use_double_quant=True,
+                                                   bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.bfloat16,
+                                                     attn_implementation="sdpa", device_map={"": 0})
+        if gc:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model.config.use_cache = False
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
+                                                 task_type="CAUSAL_LM"))
+    load_s = time.time() - t0
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4)
+    data = [b.cuda() for b in batches(seq, bs)]
+    losses = []
+    for i in range(warmup + steps):
+        if i == warmup:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            t = time.time()
+        x = data[i % len(data)]
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(round(loss.item(), 4))
+    torch.cuda.synchronize()
+    _report(kind, seq, bs, steps, time.time() - t, losses, load_s, sum(p.numel() for p in params))
+
+
+def worker_loraforge(kind: str, path: str, seq: int, bs: int, steps: int, warmup: int, lora16: bool,
+                     work: Path) -> None:
+    """loraforge through its real flow: config -> load_config -> run_train, on the same token batches."""
+    import torch
+    from transformers import TrainerCallback
+
+    from loraforge.config import load_config
+    from loraforge.data.cache import save_bundle
+    from loraforge.data.report import DataReport
+    from loraforge.train.workflow import run_train
+
+    data_dir = work / f"data_{seq}_{bs}"
+    rows = [row.tolist() for b in batches(seq, bs) for row in b]
+    if not (data_dir / "tokenized").exists():
+        import datasets
+
+        (data_dir).mkdir(parents=True, exist_ok=True)
+        (data_dir / "dummy.json").write_text(json.dumps([{"instruction": "x", "output": "y"}]), encoding="utf-8")
+        (data_dir / "dataset_info.json").write_text(json.dumps({"dummy": {"file_name": "dummy.json"}}),
+                                                    encoding="utf-8")
+        train = datasets.Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * seq] * len(rows),
+                                            "labels": rows})
+        save_bundle(data_dir / "tokenized", train, None, None, DataReport(), {"key": "bench"})
+    gc = not kind.endswith("_nogc")
+    cfg = {"model_name_or_path": path, "dataset": "dummy", "dataset_dir": str(data_dir), "template": "qwen3",
+           "tokenized_path": str(data_dir / "tokenized"), "cutoff_len": seq, "output_dir": str(work / kind),
+           "overwrite_output_dir": True, "per_device_train_batch_size": bs, "gradient_accumulation_steps": 1,
+           "max_steps": warmup + steps, "logging_steps": 1, "save_strategy": "no", "learning_rate": 2e-4,
+           "lr_scheduler_type": "constant", "warmup_steps": 0, "bf16": True, "lora_rank": 16, "lora_alpha": 16,
+           "lora_target": "all", "optim": "adamw_torch", "report_to": "none", "plot_loss": False,
+           "dataloader_num_workers": 0}
+    if not lora16:
+        cfg["quantization_bit"] = 4
+    if not gc:
+        cfg["disable_gradient_checkpointing"] = True
+    if kind.startswith("loraforge_std"):
+        cfg["fast_path"] = "off"
+    times, losses = {}, []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == warmup:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                times["start"] = time.time()
+            elif state.global_step == warmup + steps:
+                torch.cuda.synchronize()
+                times["end"] = time.time()
+                times["peak"] = torch.cuda.max_memory_allocated()
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(round(float(logs["loss"]), 4))
+
+    t0 = time.time()
+    outcome = run_train(load_config(cfg, [], purpose="train"), extra_callbacks=[Clock()])
+    dt = times["end"] - times["start"]
+    _report(kind, seq, bs, steps, dt, losses, time.time() - t0 - dt, None,
+            {"peak_alloc_gib": round(times["peak"] / 2**30, 2), "metrics": {
+                k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float))}})
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    import torch
+
+    out = {"gpu": torch.cuda.get_device_name(0), "python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "triton", "unsloth", "unsloth_zoo", "trl",
+                 "accelerate"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="8b")
+    ap.add_argument("--regimes", default="a,b,c")
+    ap.add_argument("--workers", help="override the regime's worker list (comma list)")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--lora16", action="store_true", help="LoRA on a 16-bit base instead of QLoRA 4-bit")
+    ap.add_argument("--tokenizer", help="a folder of Qwen3 tokenizer files to copy into the model")
+    ap.add_argument("--path", default=os.path.join(tempfile.gettempdir(), "qwen3-bench"))
+    ap.add_argument("--timeout", type=int, default=240)
+    ap.add_argument("--out", default="benchmarks/results/peers")
+    ap.add_argument("--worker")
+    ap.add_argument("--seq", type=int)
+    ap.add_argument("--bs", type=int)
+    a = ap.parse_args()
+    path = Path(a.path) / a.size
+    if a.worker == "make":
+        make_model(a.size, path, Path(a.tokenizer) if a.tokenizer else None)
+    elif a.worker:
+        if a.worker.startswith("loraforge"):
+            worker_loraforge(a.worker, str(path), a.seq, a.bs, a.steps, a.warmup, a.lora16, Path(a.path))
+        else:
+            worker_peer(a.worker, str(path), a.seq, a.bs, a.steps, a.warmup, a.lora16)
+    if a.worker:
+        return
+    if not (path / "config.json").exists():
+        t = time.time()
+        # in a child process, so that no GPU memory stays held while the stacks are timed
+        subprocess.run([sys.executable, __file__, "--worker", "make", "--size", a.size, "--path", a.path]
+                       + (["--tokenizer", a.tokenizer] if a.tokenizer else []), check=True)
+        print(json.dumps({"built": a.size, "s": round(time.time() - t, 1)}), flush=True)
+    rows = []
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for regime in a.regimes.split(","):
+        spec = REGIMES[regime]
+        for w in (a.workers.split(",") if a.workers else spec["workers"]):
+            cmd = [sys.executable, __file__, "--worker", w, "--path", a.path, "--size", a.size, "--seq",
+                   str(spec["seq"]), "--bs", str(spec["bs"]), "--steps", str(a.steps), "--warmup", str(a.warmup)]
+            if a.lora16:
+                cmd.append("--lora16")
+            t = time.time()
+            try:
+                r = subprocess.run(cmd, timeout=a.timeout, capture_output=True, text=True)
+                found = [line[7:] for line in r.stdout.splitlines() if line.startswith("RESULT ")]
+                row = json.loads(found[-1]) if found else {"worker": w, "error": (r.stderr or r.stdout)[-2500:]}
+                (out / f"{regime}_{w}.log").write_text(r.stdout[-20000:] + r.stderr[-20000:], encoding="utf-8")
+            except subprocess.TimeoutExpired:
+                row = {"worker": w, "error": f"timeout after {a.timeout}s"}
+            row.update(regime=regime, wall_s=round(time.time() - t, 1), size=a.size,
+                       base="bf16" if a.lora16 else "nf4+dq")
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k not in ("losses", "metrics")}), flush=True)
+    result = {"command": "python benchmarks/peers/bench_peers.py " + " ".join(sys.argv[1:]),
+              "versions": versions(), "rows": rows}
+    (out / "results.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+    (out / "results.md").write_text(markdown(result), encoding="utf-8")
+
+
+def markdown(result: dict) -> str:
+    lines = [f"`{result['command']}`", "", f"{result['versions']}", "",
+             "| regime | worker | seq x bs | tokens/s | s/step | peak alloc GiB | loss first/last |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['regime']} | {r['worker']} | | error: {r['error'][-120:]!r} | | | |")
+            continue
+        lines.append(f"| {r['regime']} | {r['worker']} | {r['seq']} x {r['bs']} | {r['tok_per_s']:,} | "
+                     f"{r['s_per_step']} | {r['peak_alloc_gib']} | {r['loss_first_last']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
