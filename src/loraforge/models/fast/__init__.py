@@ -44,6 +44,7 @@ class FastPath:
     _originals: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list, repr=False)
     _attention: str | None = None
     _use_cache: bool | None = None
+    offloaded: int = 0
     _model: Any = field(default=None, repr=False)
 
     @property
@@ -54,7 +55,8 @@ class FastPath:
         if not self.plan.enabled:
             return f"fast path: off ({self.plan.reason})"
         parts = ", ".join(f"{n} {k}" for k, n in self.swapped.items())
-        return f"fast path: on ({parts}; variable-length attention; fused linear cross-entropy)"
+        ckpt = f"; {self.offloaded} checkpointed layers keep their inputs in host memory" if self.offloaded else ""
+        return f"fast path: on ({parts}; variable-length attention; fused linear cross-entropy{ckpt})"
 
     def restore(self) -> None:
         """Put every original module back (the adopted children are shared, so nothing is copied)."""
@@ -133,6 +135,7 @@ def _decoder(model: Any) -> Any:
 def apply_fast_path(model: Any, plan: FastPathPlan) -> FastPath:
     """Swap the covered module instances of ``model`` (a peft-wrapped or plain causal LM) for the fast ones."""
     from ...kernels.varlen_attention import _attention_of, use_varlen_attention
+    from .checkpointing import use_offloaded_checkpointing
     from .modules import FastAttention, FastMLP, FastRMSNorm
 
     fast = FastPath(plan)
@@ -152,6 +155,8 @@ def apply_fast_path(model: Any, plan: FastPathPlan) -> FastPath:
         swap(layer, "input_layernorm", FastRMSNorm, "RMSNorm")
         swap(layer, "post_attention_layernorm", FastRMSNorm, "RMSNorm")
     swap(decoder, "norm", FastRMSNorm, "RMSNorm")
+    dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+    fast.offloaded = use_offloaded_checkpointing(decoder.layers, keep_rng=dropout)
     fast._attention, fast._model = _attention_of(model), model
     config = _base_config(model)
     fast._use_cache, config.use_cache = config.use_cache, False  # training forwards build no KV cache
