@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from loraforge import kernels as K  # noqa: E402
+from loraforge import kernels as K  # noqa: E402  (the checkout, not an installed copy)
 
 TOKENS, BATCH, HIDDEN, INTER, QH, KVH, HEAD_DIM, VOCAB = 8192, 4, 4096, 12288, 32, 8, 128, 151936
 DT = torch.bfloat16
@@ -88,8 +88,24 @@ def _inputs(op: str):
         labels = torch.randint(0, VOCAB, (TOKENS,), device="cuda", generator=g)
         labels[::7] = -100
         return (lambda: (h.detach().requires_grad_(), w, labels)), \
-            {"loraforge": K.linear_cross_entropy, "reference": K.linear_cross_entropy_reference}
+            {"loraforge": K.linear_cross_entropy, "loraforge_pytorch_chunks": _pytorch_chunks,
+             "reference": K.linear_cross_entropy_reference}
     raise ValueError(f"unknown op {op!r}")
+
+
+def _pytorch_chunks(hidden, weight, labels):
+    """The chunked loss without its Triton kernel (what ``LORAFORGE_KERNELS=reference`` runs): shows what
+    the fused kernel adds over the chunking alone. The backward only scales stored gradients, so setting
+    the switch around the forward is enough."""
+    before = os.environ.get("LORAFORGE_KERNELS")
+    os.environ["LORAFORGE_KERNELS"] = "reference"
+    try:
+        return K.linear_cross_entropy(hidden, weight, labels)
+    finally:
+        if before is None:
+            del os.environ["LORAFORGE_KERNELS"]
+        else:
+            os.environ["LORAFORGE_KERNELS"] = before
 
 
 def _fwd_bwd(fn, args):

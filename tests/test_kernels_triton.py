@@ -1,5 +1,8 @@
 """The Triton kernels themselves, run on CPU tensors by Triton's interpreter.
 
+The interpreter is exact in fp32 but truncates fp32 -> bf16 casts (the GPU rounds to nearest even), so
+here bf16 cases only check tolerances; the bit-for-bit bf16 checks are ``gpu`` tests.
+
 ``TRITON_INTERPRET=1`` must be set before the kernels are defined (Triton decides at decoration time), so
 the outer test starts one child pytest on this file with it set; in the child the parity tests run, in the
 normal session they are skipped. Without Triton installed everything here is skipped. On a GPU the same
