@@ -149,3 +149,31 @@ def check_rope(impl, reference, *, batch: int, seq: int, q_heads: int, kv_heads:
     want = _grads((qro, kro), (qlr, klr), (dq, dk))
     for name, a, b in zip(("dq", "dk"), got, want):
         _close(a, b, dtype, f"rope {name}")
+
+
+def check_linear_cross_entropy(impl, reference, *, tokens: int, hidden: int, vocab: int, device: str,
+                               dtype: torch.dtype, reduction: str = "sum", softcap: float | None = None,
+                               chunk_tokens: int | None = None, weight_grad: bool = False, seed: int = 0) -> None:
+    """``impl(hidden, weight, labels, ...)`` against ``reference`` on the same inputs: loss and gradients.
+
+    The reference runs on the same (possibly bf16) inputs: both round the logits to the input dtype before
+    the fp32 loss, so the loss agrees to fp32 accuracy and the gradients to a step of their dtype.
+    """
+    g = torch.Generator().manual_seed(seed)
+    h = _leaf(torch.randn(tokens, hidden, generator=g).to(device), dtype)
+    w = _leaf((torch.randn(vocab, hidden, generator=g) / hidden ** 0.5 * 4).to(device), dtype, weight_grad)
+    labels = torch.randint(0, vocab, (tokens,), generator=g)
+    labels[::5] = -100
+    labels[: min(tokens, 9)] = -100  # a chunk with no label at all
+    labels = labels.to(device)
+    kw = dict(reduction=reduction, logit_softcap=softcap)
+    loss = impl(h, w, labels, chunk_tokens=chunk_tokens, **kw)
+    ref = reference(h, w, labels, **kw)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    torch.testing.assert_close(loss, ref, rtol=1e-5 if dtype == torch.float32 else 1e-4, atol=1e-5, equal_nan=True)
+    got = _grads(loss * 1.5, (h, w), torch.ones(()))
+    want = _grads(ref * 1.5, (h, w), torch.ones(()))
+    assert len(got) == (2 if weight_grad else 1)
+    for name, a, b in zip(("d_hidden", "d_weight"), got, want):
+        assert a.dtype == b.dtype
+        _close(a, b, dtype, f"linear_cross_entropy {name}")

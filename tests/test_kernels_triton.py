@@ -1,5 +1,8 @@
 """The Triton kernels themselves, run on CPU tensors by Triton's interpreter.
 
+The interpreter is exact in fp32 but truncates fp32 -> bf16 casts (the GPU rounds to nearest even), so
+here bf16 cases only check tolerances; the bit-for-bit bf16 checks are ``gpu`` tests.
+
 ``TRITON_INTERPRET=1`` must be set before the kernels are defined (Triton decides at decoration time), so
 the outer test starts one child pytest on this file with it set; in the child the parity tests run, in the
 normal session they are skipped. Without Triton installed everything here is skipped. On a GPU the same
@@ -114,3 +117,25 @@ def test_rope_kernel_output_keeps_input_layout():
     k = torch.randn(2, 5, 1, 8).transpose(1, 2)
     qo, ko = apply_rope_triton(q, k, cos, sin)
     assert qo.stride() == q.stride() and ko.stride() == k.stride()
+
+
+@in_child
+@pytest.mark.parametrize(
+    "tokens,vocab,reduction,softcap,chunk,weight_grad",
+    [(1, 3, "sum", None, None, False), (21, 4500, "sum", None, 8, True), (21, 300, "mean", None, 5, False),
+     (13, 4500, "mean", 3.0, 4, True), (9, 100, "mean", None, 4, False)],  # the last: no label at all
+)
+def test_cross_entropy_kernel(tokens, vocab, reduction, softcap, chunk, weight_grad):
+    from loraforge.kernels.cross_entropy import linear_cross_entropy_reference, linear_cross_entropy_triton
+
+    cases.check_linear_cross_entropy(linear_cross_entropy_triton, linear_cross_entropy_reference, tokens=tokens,
+                                     hidden=16, vocab=vocab, device="cpu", dtype=torch.float32, reduction=reduction,
+                                     softcap=softcap, chunk_tokens=chunk, weight_grad=weight_grad)
+
+
+@in_child
+def test_cross_entropy_kernel_bf16():
+    from loraforge.kernels.cross_entropy import linear_cross_entropy_reference, linear_cross_entropy_triton
+
+    cases.check_linear_cross_entropy(linear_cross_entropy_triton, linear_cross_entropy_reference, tokens=20,
+                                     hidden=32, vocab=700, device="cpu", dtype=torch.bfloat16, chunk_tokens=8)

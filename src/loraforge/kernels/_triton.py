@@ -8,7 +8,10 @@ launched.
 
 from __future__ import annotations
 
+import functools
 import types
+
+import torch
 
 try:
     import triton
@@ -39,11 +42,14 @@ def program_count(device) -> int:
 
     On the CPU (the Triton interpreter in tests) a small fixed count still exercises the loop.
     """
-    import torch
-
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 3
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 __all__ = ["cdiv", "jit", "next_power_of_2", "program_count", "tl", "triton"]
