@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 from ._field import arg
 
@@ -40,5 +40,36 @@ class FinetuningArguments:
     fast_path: str = arg("auto", "loraforge's fused kernels for covered models (Qwen2/2.5, Qwen3, Llama, Mistral) and "
                          "methods (LoRA/QLoRA): `auto` uses them when covered, `on` fails when not, `off` never.",
                          ("auto", "on", "off"))
+    # how the samples of one optimizer step are run
+    micro_batch_tokens: Union[int, bool, str] = arg(
+        "auto", "Token-budget batching: the per_device_train_batch_size x gradient_accumulation_steps samples of "
+        "one optimizer step run in as few packed micro-batches (no padding, no attention between samples) as this "
+        "many tokens each allow, with exactly the optimizer steps of `off`. `auto` sizes the budget from the GPU's "
+        "free memory (4096 tokens on CPU); an integer sets it; `off` runs per_device_train_batch_size padded "
+        "samples per micro-batch.")
     # guards
     max_nonfinite_steps: int = arg(3, "Stop after this many consecutive non-finite loss/grad-norm updates.")
+
+
+def micro_batch_tokens_setting(value: Union[int, bool, str, None]) -> Union[int, str, None]:
+    """``micro_batch_tokens`` as ``"auto"``, a positive token count, or None for ``off``.
+
+    YAML reads a bare ``off``/``on`` as a boolean, so False means off and True means auto. Raises ValueError
+    with the accepted forms when the value is none of them.
+    """
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "auto"
+    if isinstance(value, str):
+        text = value.strip().lower().replace("_", "")
+        if text in ("auto", "on", "true"):
+            return "auto"
+        if text in ("off", "false", "no", "none"):
+            return None
+        if text.isdigit():
+            value = int(text)
+    if isinstance(value, int) and value > 0:
+        return value
+    raise ValueError(f"`micro_batch_tokens` must be auto, off or a positive number of tokens per micro-batch "
+                     f"(e.g. 8192), got {value!r}")

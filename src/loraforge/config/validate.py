@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .finetuning import micro_batch_tokens_setting
 from .training import DEEPSPEED_SHORT_NAMES, TrainingArguments
 
 if TYPE_CHECKING:
@@ -57,6 +58,10 @@ def check(cfg: "RunConfig", training: dict[str, Any], purpose: str, *, environme
         p.append("`use_dora` and `pissa_init` cannot be combined; choose one")
     if f.loraplus_lr_ratio is not None and f.loraplus_lr_ratio <= 0:
         p.append(f"`loraplus_lr_ratio` must be positive, got {f.loraplus_lr_ratio}")
+    try:
+        micro_batch_tokens_setting(f.micro_batch_tokens)
+    except ValueError as err:
+        p.append(str(err))
     if f.finetuning_type == "freeze" and f.freeze_trainable_layers == 0:
         p.append("`freeze_trainable_layers: 0` trains nothing; use a positive (last N) or negative (first N) count")
     if f.create_new_adapter and not m.adapter_name_or_path:

@@ -5,6 +5,8 @@
 - ``create_optimizer``: LoRA+ parameter groups when ``loraplus_lr_ratio`` is set.
 - ``compute_loss``: on the fast path, asks the model for no logits while training (the fused loss, given as
   the Trainer's ``compute_loss_func``, works from the final hidden states).
+- ``get_batch_samples`` (+ ``training_step``, ``floating_point_ops``, ``_track_num_input_tokens``): token-budget
+  batching regroups one optimizer step's samples into packed micro-batches (see :mod:`.token_batching`).
 """
 
 from __future__ import annotations
@@ -20,18 +22,40 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .callbacks import NonFiniteGuard
 from .checkpoint import STAGING
+from .token_batching import can_repack, counted_inputs, is_empty_slot, repack_step
 
 logger = logging.getLogger(__name__)
 
 
 class LoraforgeTrainer(Seq2SeqTrainer):
-    """Seq2SeqTrainer + non-finite guard + atomic checkpoints + LoRA+ optimizer groups."""
+    """Seq2SeqTrainer + non-finite guard + atomic checkpoints + LoRA+ optimizer groups + token-budget batching."""
 
-    def __init__(self, *args, guard: NonFiniteGuard | None = None, loraplus: dict | None = None, **kwargs):
+    def __init__(self, *args, guard: NonFiniteGuard | None = None, loraplus: dict | None = None,
+                 micro_batch_tokens: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.guard = guard
         self.loraplus = loraplus
         self._staging = False
+        self.micro_batch_tokens = micro_batch_tokens
+        # the fast path's loss (compute_loss_func) divides by num_items_in_batch as the model's own loss does
+        if micro_batch_tokens and not (self.model_accepts_loss_kwargs or self.compute_loss_func is not None):
+            # without num_items_in_batch each micro-batch is averaged on its own: regrouping would reweight tokens
+            logger.warning("micro_batch_tokens: off (the model's forward does not take num_items_in_batch)")
+            self.micro_batch_tokens = None
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The micro-batches of one optimizer step; with a token budget, the same samples regrouped."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.micro_batch_tokens and can_repack(batch_samples):
+            batch_samples = repack_step(batch_samples, self.micro_batch_tokens)
+        return batch_samples, num_items_in_batch  # counted on the original batches: the token mean of `off`
+
+    def floating_point_ops(self, inputs):
+        return super().floating_point_ops(counted_inputs(inputs))
+
+    def _track_num_input_tokens(self, inputs):
+        # a private Trainer hook: counting the original micro-batch keeps tokens_seen equal to `off`
+        return super()._track_num_input_tokens(counted_inputs(inputs))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.compute_loss_func is not None and model.training and "input_ids" in inputs:
@@ -42,6 +66,8 @@ class LoraforgeTrainer(Seq2SeqTrainer):
                                     num_items_in_batch=num_items_in_batch)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if is_empty_slot(inputs):  # a slot of a repacked step: its samples ran in a packed micro-batch
+            return torch.zeros((), device=self.args.device)
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.guard is not None and not torch.isfinite(loss).all():
             self.guard.mark_nonfinite_loss()

@@ -92,6 +92,7 @@ def run_train(cfg: RunConfig, *, extra_callbacks: list | None = None) -> TrainOu
     from ..models.fast.loss import FusedCausalLMLoss
     from ..models.loader import load_model, load_tokenizer, summarize_model
     from .plotting import plot_loss
+    from .token_budget import plan_token_batching
     from .trainer import LoraforgeTrainer
 
     args = cfg.training
@@ -123,6 +124,7 @@ def run_train(cfg: RunConfig, *, extra_callbacks: list | None = None) -> TrainOu
 
         pissa_init_dir = save_pissa_initial(model, str(output_dir))  # the reference for conversion at the end
     summary = summarize_model(model)
+    token_batching = plan_token_batching(cfg, model, args)  # the same optimizer steps, fewer packed micro-batches
     world = max(args.world_size, 1)
     effective = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
     summary_lines = summary.lines() + [
@@ -131,6 +133,7 @@ def run_train(cfg: RunConfig, *, extra_callbacks: list | None = None) -> TrainOu
         f"precision: {'bf16' if args.bf16 else 'fp16' if args.fp16 else 'fp32'}; "
         f"gradient checkpointing: {'off' if cfg.model.disable_gradient_checkpointing else 'on'}",
         fast.summary(),
+        token_batching.line,
     ]
     _print_block("model:", summary_lines)
 
@@ -147,6 +150,7 @@ def run_train(cfg: RunConfig, *, extra_callbacks: list | None = None) -> TrainOu
         data_collator=build_collator(cfg, tokenizer), processing_class=tokenizer,
         callbacks=callbacks + list(extra_callbacks or []), guard=guard, loraplus=loraplus,
         compute_loss_func=loss_func,
+        micro_batch_tokens=token_batching.budget,
     )
     trainer.remove_callback(ProgressCallback)
     if args.should_save:
