@@ -44,8 +44,14 @@ class LoraforgeTrainer(Seq2SeqTrainer):
         """The micro-batches of one optimizer step; with a token budget, the same samples regrouped."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         if self.micro_batch_tokens and can_repack(batch_samples):
-            batch_samples = repack_step(batch_samples, self.micro_batch_tokens)
+            sync = self._most_micro_batches if self.args.world_size > 1 else None
+            batch_samples = repack_step(batch_samples, self.micro_batch_tokens, sync)
         return batch_samples, num_items_in_batch  # counted on the original batches: the token mean of `off`
+
+    def _most_micro_batches(self, count: int) -> int:
+        """The largest number of packed micro-batches any rank needs this step (all ranks run that many)."""
+        local = torch.tensor(count, device=self.args.device, dtype=torch.int64)
+        return int(self.accelerator.gather(local).max())
 
     def floating_point_ops(self, inputs):
         return super().floating_point_ops(counted_inputs(inputs))
