@@ -264,3 +264,14 @@ def test_two_processes_match_off(data_dir, tmp_path):
         "<= 100 tokens (micro_batch_tokens)" in proc.stderr
     assert "token batching: the 4 samples of each optimizer step on each process run packed in micro-batches of " \
         "<= 4096 tokens (auto: no GPU visible, a fixed 4096)" in proc.stderr
+
+
+def test_qlora_4bit_trains_packed(data_dir, tmp_path):
+    """bitsandbytes 4-bit layers run on the CPU too: the packed run follows the padded one."""
+    shape = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 2,
+             "quantization_bit": 4, "save_strategy": "no"}
+    off = _train(data_dir, tmp_path / "off", micro_batch_tokens="off", **shape)
+    tok = _train(data_dir, tmp_path / "tok", **shape)
+    assert len(off[2]) == 4 and len(tok[2]) == 2
+    assert [r["loss"] for r in tok[1]] == pytest.approx([r["loss"] for r in off[1]], rel=1e-5)
+    assert [r["tokens_seen"] for r in tok[1]] == [r["tokens_seen"] for r in off[1]]

@@ -143,7 +143,7 @@ def run_train(cfg: RunConfig, *, extra_callbacks: list | None = None) -> TrainOu
         model=model, args=args, train_dataset=bundle.train, eval_dataset=bundle.eval,
         data_collator=build_collator(cfg, tokenizer), processing_class=tokenizer,
         callbacks=callbacks + list(extra_callbacks or []), guard=guard, loraplus=loraplus,
-        micro_batch_tokens=token_batching.budget,
+        micro_batch_tokens=token_batching.budget, tracker=tracker,
     )
     trainer.remove_callback(ProgressCallback)
     if args.should_save:
