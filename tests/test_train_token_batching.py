@@ -16,7 +16,7 @@ import torch
 
 from loraforge.config import load_config
 from loraforge.errors import ConfigError
-from loraforge.train.token_batching import StepSlot, greedy_groups, is_empty_slot, repack_step
+from loraforge.train.token_batching import StepSlot, greedy_groups, is_empty_slot, repack_step, split_to
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -24,6 +24,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ROWS = [{"instruction": "Say " + " ".join(["word"] * (i % 7 + 1)), "input": "",
          "output": " ".join(["ok"] * (3 * (i % 5) + 1))} for i in range(40)]
 STEPS = 3
+# AdamW divides each update by sqrt(v) + eps. Right after LoRA B leaves zero some LoRA A gradients are ~1e-9, so
+# fp32 summation-order noise in them (~1e-7 of the sum; packing changes the matmul shapes) would become update
+# differences of up to lr x noise / eps = 5e-5 with the default eps 1e-8 (two `off` runs that only group the same
+# samples differently already differ by 3e-6). eps = 1e-6 keeps that noise below 1e-6; losses and gradient norms
+# are compared step by step as well.
+TRAIN = {"learning_rate": 5e-3, "adam_epsilon": 1e-6, "max_steps": STEPS, "logging_steps": 1, "lora_rank": 8,
+         "seed": 1, "disable_gradient_checkpointing": True, "template": "qwen3", "cutoff_len": 48}
 
 
 def test_greedy_groups_keep_order_and_budget():
@@ -31,6 +38,12 @@ def test_greedy_groups_keep_order_and_budget():
     assert greedy_groups([9, 2, 2], 4) == [(0, 1), (1, 3)]  # longer than the budget: alone
     assert greedy_groups([1, 1, 1], 100) == [(0, 3)]
     assert greedy_groups([], 8) == []
+
+
+def test_split_to_reaches_the_count_other_ranks_need():
+    assert split_to([(0, 4)], [5, 5, 5, 5], 2) == [(0, 2), (2, 4)]
+    assert split_to([(0, 1), (1, 4)], [9, 1, 1, 1], 3) == [(0, 1), (1, 2), (2, 4)]
+    assert split_to([(0, 1)], [7], 3) == [(0, 1)]  # one sample cannot be split
 
 
 def _padded(rows: list[list[int]], pad: int = 0) -> dict:
@@ -62,6 +75,13 @@ def test_repack_step_puts_empty_slots_first():
     assert [is_empty_slot(x) for x in out] == [True, True, False]  # the last backward syncs DDP gradients
     assert out[2]["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6]]
     assert [x.counted["input_ids"].shape for x in out] == [b["input_ids"].shape for b in batches]
+
+
+def test_repack_step_runs_as_many_micro_batches_as_the_busiest_rank():
+    batches = [_padded([[1, 2]]), _padded([[3, 4, 5]]), _padded([[6]])]
+    out = repack_step(batches, budget=100, sync_count=lambda local: max(local, 2))
+    assert [is_empty_slot(x) for x in out] == [True, False, False]
+    assert [x["input_ids"].tolist() for x in out[1:]] == [[[1, 2]], [[3, 4, 5, 6]]]  # split nearest half
 
 
 def test_repack_step_keeps_the_step_when_it_would_need_more_micro_batches():
@@ -121,9 +141,7 @@ def _train(data_dir: Path, out: Path, **over) -> tuple[dict, list[dict], list[tu
             model.get_base_model().register_forward_pre_hook(counter, with_kwargs=True)
 
     cfg = {"model_name_or_path": "tiny-random-qwen3", "dataset": "t", "dataset_dir": str(data_dir),
-           "template": "qwen3", "cutoff_len": 48, "output_dir": str(out), "learning_rate": 5e-3, "max_steps": STEPS,
-           "logging_steps": 1, "save_steps": 2, "lora_rank": 8, "seed": 1, "disable_gradient_checkpointing": True,
-           "data_cache_dir": str(data_dir / "cache")}
+           "output_dir": str(out), "save_steps": 2, "data_cache_dir": str(data_dir / "cache"), **TRAIN}
     cfg.update(over)
     run_train(load_config(cfg, purpose="train"), extra_callbacks=[Hook()])
     log = [json.loads(x) for x in (out / "trainer_log.jsonl").read_text().splitlines() if x.strip()]
@@ -187,3 +205,73 @@ def test_run_summary_says_why_it_is_off(data_dir, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="loraforge")
     _train(data_dir, tmp_path / "neat", neat_packing=True, per_device_train_batch_size=2, max_steps=1)
     assert "token batching: off, `packing`/`neat_packing` already fill each sequence" in caplog.text
+
+
+# --- two processes (torchrun + gloo): each rank regroups its own share ---------------------------------------
+
+WORKER = """
+import json, logging, sys
+import torch
+from loraforge.config import load_config
+from loraforge.train.distributed import configure_worker_logging, init_cpu_process_group, rank_info
+from loraforge.train.workflow import run_train
+
+torch.set_num_threads(1)
+logging.basicConfig(level=logging.INFO)
+configure_worker_logging(rank_info())
+init_cpu_process_group(600)
+for cfg in json.loads(open(sys.argv[1]).read()):
+    run_train(load_config(cfg, purpose="train"))
+"""
+# name: (batch size, accumulation, modes). 1 x 8 makes the same optimizer steps as 2 x 4 (16 samples over two
+# ranks), so its token-batched run is compared with the 2 x 4 `off` run (one launch less on a busy 2-core CI).
+DDP_RUNS = {"2x4": (2, 4, ("off", 100)), "1x8": (1, 8, ("auto",)), "4x1": (4, 1, ("off", "auto"))}
+DDP_PAIRS = [("2x4-off", "2x4-100"), ("2x4-off", "1x8-auto"), ("4x1-off", "4x1-auto")]
+
+
+@pytest.mark.slow
+def test_two_processes_match_off(data_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    configs = []
+    for name, (bs, ga, modes) in DDP_RUNS.items():
+        for mode in modes:
+            configs.append({
+                "model_name_or_path": "tiny-random-qwen3", "dataset": "t", "dataset_dir": str(data_dir),
+                "output_dir": str(tmp_path / f"{name}-{mode}"), "save_strategy": "no",
+                "data_cache_dir": str(data_dir / "cache"), "per_device_train_batch_size": bs,
+                "gradient_accumulation_steps": ga, "micro_batch_tokens": mode, **TRAIN})
+    (tmp_path / "configs.json").write_text(json.dumps(configs), encoding="utf-8")
+    (tmp_path / "worker.py").write_text(WORKER, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(tmp_path / "worker.py"), str(tmp_path / "configs.json")],
+                          env=env, capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for pair in DDP_PAIRS:
+        runs = []
+        for name in pair:
+            out = tmp_path / name
+            log = [json.loads(x) for x in (out / "trainer_log.jsonl").read_text().splitlines() if x.strip()]
+            runs.append((load_file(str(out / "adapter_model.safetensors")), log, []))
+        _assert_same_training(*runs)
+    assert "token batching: the 8 samples of each optimizer step on each process run packed in micro-batches of " \
+        "<= 100 tokens (micro_batch_tokens)" in proc.stderr
+    assert "token batching: the 4 samples of each optimizer step on each process run packed in micro-batches of " \
+        "<= 4096 tokens (auto: no GPU visible, a fixed 4096)" in proc.stderr
+
+
+def test_qlora_4bit_trains_packed(data_dir, tmp_path):
+    """bitsandbytes 4-bit layers run on the CPU too: the packed run follows the padded one."""
+    shape = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 2,
+             "quantization_bit": 4, "save_strategy": "no"}
+    off = _train(data_dir, tmp_path / "off", micro_batch_tokens="off", **shape)
+    tok = _train(data_dir, tmp_path / "tok", **shape)
+    assert len(off[2]) == 4 and len(tok[2]) == 2
+    assert [r["loss"] for r in tok[1]] == pytest.approx([r["loss"] for r in off[1]], rel=1e-5)
+    assert [r["tokens_seen"] for r in tok[1]] == [r["tokens_seen"] for r in off[1]]

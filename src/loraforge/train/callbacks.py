@@ -24,17 +24,20 @@ def _fmt_seconds(seconds: float) -> str:
 
 
 class ThroughputTracker:
-    """Elapsed time and tokens/s since this process started training (resume-aware)."""
+    """Elapsed time and tokens/s since this process started training (resume-aware), and the seconds the
+    training loop waited for its next batches (``data_wait_s``, added by ``LoraforgeTrainer.get_batch_samples``)."""
 
     def __init__(self) -> None:
         self.start_time = time.time()
         self.start_step = 0
         self.start_tokens = 0
+        self.data_wait_s = 0.0
 
     def begin(self, state) -> None:
         self.start_time = time.time()
         self.start_step = state.global_step
         self.start_tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+        self.data_wait_s = 0.0
 
     def elapsed(self) -> float:
         return time.time() - self.start_time
@@ -78,6 +81,7 @@ class JsonlLogCallback(TrainerCallback):
             "tokens_seen": int(getattr(state, "num_input_tokens_seen", 0) or 0),
             "tokens_per_second": round(self.tracker.tokens_per_second(state), 2),
             "percentage": round(100 * state.global_step / max(state.max_steps, 1), 2),
+            "data_wait_s": round(self.tracker.data_wait_s, 3),  # cumulative; its share of elapsed_time should be ~0
             "elapsed_time": _fmt_seconds(self.tracker.elapsed()),
             "remaining_time": _fmt_seconds(r) if not math.isnan(r := self.tracker.remaining(state)) else None,
         }

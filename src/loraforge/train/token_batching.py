@@ -28,7 +28,7 @@ over the step is the same token mean as ``off``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -76,6 +76,25 @@ def greedy_groups(lengths: list[int], budget: int) -> list[tuple[int, int]]:
     return groups
 
 
+def split_to(groups: list[tuple[int, int]], lengths: list[int], count: int) -> list[tuple[int, int]]:
+    """Split groups (the one with the most tokens first, at its token midpoint) until there are ``count``.
+
+    Under DDP every rank must run the same number of forward passes: each forward broadcasts the module buffers
+    (``broadcast_buffers``), so a rank with fewer packed micro-batches would pair its collectives wrongly.
+    """
+    groups = list(groups)
+    while len(groups) < count:
+        splittable = [g for g in groups if g[1] - g[0] > 1]
+        if not splittable:
+            break
+        start, end = max(splittable, key=lambda g: sum(lengths[g[0]:g[1]]))
+        half = sum(lengths[start:end]) / 2
+        cut = min(range(start + 1, end), key=lambda c: abs(sum(lengths[start:c]) - half))
+        k = groups.index((start, end))
+        groups[k:k + 1] = [(start, cut), (cut, end)]
+    return groups
+
+
 def can_repack(batches: list[dict[str, Any]]) -> bool:
     """Repack only padded micro-batches as PaddingCollator writes them (anything else keeps its own layout)."""
     return bool(batches) and all(isinstance(b, dict) and set(b) == PADDED_KEYS for b in batches)
@@ -105,19 +124,24 @@ def pack_range(ids: torch.Tensor, labels: torch.Tensor, lengths: list[int]) -> d
     }
 
 
-def repack_step(batches: list[dict[str, Any]], budget: int) -> list[StepSlot]:
+def repack_step(batches: list[dict[str, Any]], budget: int,
+                sync_count: Callable[[int], int] | None = None) -> list[StepSlot]:
     """The micro-batches of one optimizer step, regrouped into packed micro-batches of <= ``budget`` tokens.
 
     Returns ``len(batches)`` elements: empty slots first, then the packed micro-batches (see the module
     docstring for why the count and the order matter to the Trainer loop). When samples longer than the budget
     would need more micro-batches than the step has, the step runs its original padded micro-batches.
+    ``sync_count`` (DDP) maps this rank's number of packed micro-batches to the largest over all ranks; every
+    rank then runs that many, so their forward passes (and collectives) pair up.
     """
     counted = [{k: b[k] for k in ("input_ids", "attention_mask")} for b in batches]
     masks = [b["attention_mask"].bool() for b in batches]
     # one host sync per optimizer step: the sample lengths decide the grouping
     lengths = torch.cat([m.sum(1) for m in masks]).tolist()
     groups = greedy_groups(lengths, budget)
-    if len(groups) > len(batches):
+    count = sync_count(len(groups)) if sync_count is not None else len(groups)
+    groups = split_to(groups, lengths, count)
+    if count > len(batches):
         return [StepSlot(b, c) for b, c in zip(batches, counted)]
     ids = torch.cat([b["input_ids"][m] for b, m in zip(batches, masks)])  # real tokens, sample after sample
     labels = torch.cat([b["labels"][m] for b, m in zip(batches, masks)])

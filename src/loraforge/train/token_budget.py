@@ -153,5 +153,6 @@ def plan_token_batching(cfg, model, args) -> TokenBatchingPlan:
     else:
         budget, how = auto_budget(cfg, model, args)
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
-    return TokenBatchingPlan(budget, f"token batching: the {per_step} samples of each optimizer step run packed in "
-                                     f"micro-batches of <= {budget} tokens ({how})")
+    where = " on each process" if args.world_size > 1 else ""
+    return TokenBatchingPlan(budget, f"token batching: the {per_step} samples of each optimizer step{where} run packed "
+                                     f"in micro-batches of <= {budget} tokens ({how})")

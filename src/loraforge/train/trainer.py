@@ -14,13 +14,14 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
 from transformers import Seq2SeqTrainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .callbacks import NonFiniteGuard
+from .callbacks import NonFiniteGuard, ThroughputTracker
 from .checkpoint import STAGING
 from .token_batching import can_repack, counted_inputs, is_empty_slot, repack_step
 
@@ -31,9 +32,10 @@ class LoraforgeTrainer(Seq2SeqTrainer):
     """Seq2SeqTrainer + non-finite guard + atomic checkpoints + LoRA+ optimizer groups + token-budget batching."""
 
     def __init__(self, *args, guard: NonFiniteGuard | None = None, loraplus: dict | None = None,
-                 micro_batch_tokens: int | None = None, **kwargs):
+                 micro_batch_tokens: int | None = None, tracker: ThroughputTracker | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.guard = guard
+        self.tracker = tracker
         self.loraplus = loraplus
         self._staging = False
         self.micro_batch_tokens = micro_batch_tokens
@@ -45,10 +47,19 @@ class LoraforgeTrainer(Seq2SeqTrainer):
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The micro-batches of one optimizer step; with a token budget, the same samples regrouped."""
+        start = time.perf_counter()
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.tracker is not None:  # the dataloader's next() calls: time the GPU may sit waiting for data
+            self.tracker.data_wait_s += time.perf_counter() - start
         if self.micro_batch_tokens and can_repack(batch_samples):
-            batch_samples = repack_step(batch_samples, self.micro_batch_tokens)
+            sync = self._most_micro_batches if self.args.world_size > 1 else None
+            batch_samples = repack_step(batch_samples, self.micro_batch_tokens, sync)
         return batch_samples, num_items_in_batch  # counted on the original batches: the token mean of `off`
+
+    def _most_micro_batches(self, count: int) -> int:
+        """The largest number of packed micro-batches any rank needs this step (all ranks run that many)."""
+        local = torch.tensor(count, device=self.args.device, dtype=torch.int64)
+        return int(self.accelerator.gather(local).max())
 
     def floating_point_ops(self, inputs):
         return super().floating_point_ops(counted_inputs(inputs))

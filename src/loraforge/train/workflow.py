@@ -149,8 +149,7 @@ def run_train(cfg: RunConfig, *, extra_callbacks: list | None = None) -> TrainOu
         model=model, args=args, train_dataset=bundle.train, eval_dataset=bundle.eval,
         data_collator=build_collator(cfg, tokenizer), processing_class=tokenizer,
         callbacks=callbacks + list(extra_callbacks or []), guard=guard, loraplus=loraplus,
-        compute_loss_func=loss_func,
-        micro_batch_tokens=token_batching.budget,
+        compute_loss_func=loss_func, micro_batch_tokens=token_batching.budget, tracker=tracker,
     )
     trainer.remove_callback(ProgressCallback)
     if args.should_save:
