@@ -39,11 +39,9 @@ class ActivationOffloader:
         self._stream: torch.cuda.Stream | None = None
 
     def _buffer(self, nbytes: int) -> torch.Tensor:
-        fitting = [b for b in self._free if b.numel() >= nbytes]
-        if fitting:
-            best = min(fitting, key=torch.Tensor.numel)
-            self._free.remove(best)
-            return best
+        fitting = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
+        if fitting:  # the smallest that fits (by position: tensors do not compare with ==)
+            return self._free.pop(min(fitting, key=lambda i: self._free[i].numel()))
         return torch.empty(int(nbytes * 1.25), dtype=torch.uint8, pin_memory=True)
 
     def store(self, tensor: torch.Tensor) -> _Saved:
