@@ -33,11 +33,76 @@ def test_triton_kernels_interpreted():
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)), "-k", "not interpreted"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
+         "-k", "not interpreted and not compile"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+
+
+def _compile_cases():
+    """(kernel, signature, constexprs, options) for the launches the training path makes, in bf16."""
+    import importlib
+
+    rms, swi, rope, ce = (importlib.import_module(f"loraforge.kernels.{m}")
+                          for m in ("rms_norm", "swiglu", "rope", "cross_entropy"))
+    bf = "*bf16"
+    out = []
+    for hidden in (4096, 5120, 128):  # Qwen3-8B / -14B hidden, and the per-head q/k norms
+        block, rows, warps = rms._launch_shape(hidden)
+        sig = {"X": bf, "W": bf, "Y": bf, "RSTD": "*fp32", "n_rows": "i32", "n_cols": "i32", "stride_x": "i32",
+               "stride_y": "i32", "eps": "fp32"}
+        out.append((rms._rms_norm_fwd, sig, {"ROWS": rows, "BLOCK": block}, {"num_warps": warps}))
+        sig = {"DY": bf, "X": bf, "W": bf, "RSTD": "*fp32", "DX": bf, "DW_PART": "*fp32", "n_rows": "i32",
+               "n_cols": "i32", "stride_dy": "i32", "stride_x": "i32", "stride_dx": "i32"}
+        out.append((rms._rms_norm_bwd, sig, {"HAS_DW": hidden == 128, "ROWS": rows, "BLOCK": block},
+                    {"num_warps": warps}))
+    strides = {"n_cols": "i32", "stride_g": "i32", "stride_u": "i32"}
+    out.append((swi._swiglu_fwd, {"G": bf, "U": bf, "Y": bf, **strides, "stride_y": "i32"}, {"BLOCK": swi._BLOCK}, {}))
+    out.append((swi._swiglu_bwd, {"DY": bf, "G": bf, "U": bf, "DG": bf, "DU": bf, "n_cols": "i32", "stride_dy": "i32",
+                                  "stride_g": "i32", "stride_u": "i32", "stride_dg": "i32", "stride_du": "i32"},
+                {"BLOCK": swi._BLOCK}, {}))
+    names = "Q K QO KO COS SIN seq_len n_qh n_kh sqb sqh sqs skb skh sks sqob sqoh sqos skob skoh skos scb scs".split()
+    sig = {n: (bf if i < 6 else "i32") for i, n in enumerate(names)}
+    for backward in (False, True):
+        out.append((rope._rope_kernel, sig, {"HALF": 64, "BLOCK_QH": 32, "BLOCK_KH": 8, "BLOCK_HALF": 64,
+                                             "BACKWARD": backward}, {}))
+    sig = {"LOGITS": bf, "stride_row": "i32", "LABELS": "*i64", "LOSS": "*fp32", "INV_SCALE": "*fp32",
+           "n_cols": "i32", "ignore_index": "i32", "softcap": "fp32"}
+    for softcap in (False, True):
+        out.append((ce._ce_kernel, sig, {"HAS_SOFTCAP": softcap, "WRITE_GRAD": True, "BLOCK": ce._CE_BLOCK},
+                    {"num_warps": 16}))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETED or not triton_available(), reason="needs triton (CUDA PyTorch ships it)")
+def test_triton_kernels_compile_for_hopper():
+    """The interpreter runs the kernels as NumPy and misses what only the compiler checks (types of
+    loop-carried values, constexpr use, register spills). Triton's wheel carries ptxas, so every kernel is
+    compiled here to an sm_90 cubin with no GPU, and must not spill registers to local memory."""
+    import importlib.util
+    import subprocess as sp
+    import tempfile
+
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("this triton has no NVIDIA backend")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cuobjdump = Path(importlib.util.find_spec("triton.backends.nvidia").origin).parent / "bin" / "cuobjdump"
+    for kernel, sig, consts, options in _compile_cases():
+        full = {**sig, **{name: "constexpr" for name in consts}}
+        compiled = triton.compile(ASTSource(kernel, full, consts), target=GPUTarget("cuda", 90, 32), options=options)
+        assert compiled.asm.get("cubin"), kernel.__name__
+        if cuobjdump.exists():
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(compiled.asm["cubin"])
+                f.flush()
+                usage = sp.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+            assert "LOCAL:0" in usage, f"{kernel.__name__} {consts} spills registers: {usage}"
 
 
 @in_child
