@@ -87,6 +87,12 @@ def test_custom_ignore_index():
     torch.testing.assert_close(loss, ref, **REL)
 
 
+def test_int32_labels():
+    hidden, weight, labels = _case()
+    loss = linear_cross_entropy(hidden, weight, labels.int(), chunk_tokens=10)
+    torch.testing.assert_close(loss, linear_cross_entropy_reference(hidden, weight, labels), **REL)
+
+
 def test_without_grad_gives_the_same_loss():
     hidden, weight, labels = _case()
     with torch.no_grad():
@@ -175,7 +181,7 @@ def test_gpu_bf16_qwen3_vocab_matches_and_saves_memory(kernels, monkeypatch):
 
     loss, grad, peak = run(linear_cross_entropy)
     ref, ref_grad, ref_peak = run(linear_cross_entropy_reference)
-    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss, ref, rtol=5e-4, atol=1e-4)
     torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=2e-2, atol=2e-2 * ref_grad.abs().max().item())
     assert peak < ref_peak / 4, (peak, ref_peak)
 

@@ -77,6 +77,7 @@ def _compile_cases():
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 @pytest.mark.skipif(INTERPRETED or not triton_available(), reason="needs triton (CUDA PyTorch ships it)")
 def test_triton_kernels_compile_for_hopper():
     """The interpreter runs the kernels as NumPy and misses what only the compiler checks (types of
@@ -131,6 +132,10 @@ def test_rms_norm_kernel_keeps_leading_shape():
     x = torch.randn(2, 3, 4, 16)
     w = torch.randn(16)
     torch.testing.assert_close(rms_norm_triton(x, w, 1e-5), rms_norm_reference(x, w, 1e-5), **cases.FP32)
+    empty = torch.randn(0, 16, requires_grad=True)
+    wg = w.clone().requires_grad_()
+    rms_norm_triton(empty, wg, 1e-5).sum().backward()
+    assert empty.grad.shape == (0, 16) and torch.count_nonzero(wg.grad) == 0
 
 
 @in_child

@@ -87,6 +87,7 @@ def linear_cross_entropy_triton(hidden, weight, labels, *, ignore_index=-100, ch
 
 def _run(hidden, weight, labels, ignore_index, chunk_tokens, reduction, softcap, *, fused):
     _check(hidden, weight, labels, reduction)
+    labels = labels.long()  # gather and the kernel index with int64 (a no-op for the usual int64 labels)
     bytes_per_logit = weight.element_size() if fused else 4
     chunk = chunk_tokens or default_chunk_tokens(weight.shape[0], bytes_per_logit)
     if chunk < 1:

@@ -113,12 +113,14 @@ class _RMSNormFunction(torch.autograd.Function):
         y = torch.empty((n_rows, n_cols), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         block, rows, warps = _launch_shape(n_cols)
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.x_shape = x.shape
+        if n_rows == 0:
+            return y.view(x.shape)
         _rms_norm_fwd[(cdiv(n_rows, rows),)](
             x2, weight, y, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), eps,
             ROWS=rows, BLOCK=block, num_warps=warps,
         )
-        ctx.save_for_backward(x2, weight, rstd)
-        ctx.x_shape = x.shape
         return y.view(x.shape)
 
     @staticmethod
@@ -130,7 +132,9 @@ class _RMSNormFunction(torch.autograd.Function):
         has_dw = ctx.needs_input_grad[1]
         block, rows, warps = _launch_shape(n_cols)
         nprog = max(1, min(program_count(x2.device), cdiv(n_rows, rows)))
-        dw_part = torch.empty((nprog, n_cols), dtype=torch.float32, device=x2.device) if has_dw else dx
+        dw_part = torch.zeros((nprog, n_cols), dtype=torch.float32, device=x2.device) if has_dw else dx
+        if n_rows == 0:
+            return dx.view(ctx.x_shape), (dw_part.sum(0).to(weight.dtype) if has_dw else None), None
         _rms_norm_bwd[(nprog,)](
             dy2, x2, weight, rstd, dx, dw_part, n_rows, n_cols, dy2.stride(0), x2.stride(0), dx.stride(0),
             HAS_DW=has_dw, ROWS=rows, BLOCK=block, num_warps=warps,
