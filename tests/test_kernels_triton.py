@@ -177,6 +177,38 @@ def test_rope_kernel_bf16_matches_eager_rounding():
 
 
 @in_child
+def test_rope_kernel_fp16_is_eager_bit_for_bit():
+    """fp16 casts are exact in the interpreter (NumPy has float16), so the rounding of each product, which
+    makes the kernel equal eager bf16/fp16 on the GPU, is checked bit for bit here."""
+    from loraforge.kernels.rope import apply_rope_reference, apply_rope_triton
+
+    cos, sin = cases.rope_tables(2, 6, 32, "cpu")
+    q = torch.randn(2, 6, 4, 32).half().transpose(1, 2)
+    k = torch.randn(2, 6, 2, 32).half().transpose(1, 2)
+    got = apply_rope_triton(q, k, cos.half(), sin.half())
+    want = apply_rope_reference(q, k, cos.half(), sin.half())
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@in_child
+@pytest.mark.parametrize("op", ["rms_norm", "swiglu", "cross_entropy"])
+def test_fp16_kernels(op):
+    """Turing cards (T4) train in fp16: the same kernels with fp16 inputs."""
+    from loraforge.kernels.cross_entropy import linear_cross_entropy_reference, linear_cross_entropy_triton
+    from loraforge.kernels.rms_norm import rms_norm_reference, rms_norm_triton
+    from loraforge.kernels.swiglu import swiglu_reference, swiglu_triton
+
+    if op == "rms_norm":
+        cases.check_rms_norm(rms_norm_triton, rms_norm_reference, rows=6, cols=96, device="cpu", dtype=torch.float16)
+    elif op == "swiglu":
+        cases.check_swiglu(swiglu_triton, swiglu_reference, rows=5, cols=70, device="cpu", dtype=torch.float16)
+    else:
+        cases.check_linear_cross_entropy(linear_cross_entropy_triton, linear_cross_entropy_reference, tokens=12,
+                                         hidden=16, vocab=300, device="cpu", dtype=torch.float16, chunk_tokens=5)
+
+
+@in_child
 def test_rope_kernel_output_keeps_input_layout():
     """Transposed [B, S, H, D] views come back in the same memory layout, so the attention call that
     follows sees the strides it would see on the eager path."""
