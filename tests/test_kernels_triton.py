@@ -241,3 +241,30 @@ def test_cross_entropy_kernel_bf16():
 
     cases.check_linear_cross_entropy(linear_cross_entropy_triton, linear_cross_entropy_reference, tokens=20,
                                      hidden=32, vocab=700, device="cpu", dtype=torch.bfloat16, chunk_tokens=8)
+
+
+@in_child
+def test_kernels_take_broadcast_gradients():
+    """``out.sum().backward()`` hands the backward an expanded gradient (all strides 0)."""
+    from loraforge.kernels.rms_norm import rms_norm_reference, rms_norm_triton
+    from loraforge.kernels.rope import apply_rope_reference, apply_rope_triton
+    from loraforge.kernels.swiglu import swiglu_reference, swiglu_triton
+
+    def grads(fn, *inputs):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        out = fn(*leaves)
+        sum(o.sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
+        return [t.grad for t in leaves]
+
+    x, w = torch.randn(3, 4, 40), torch.randn(40)
+    for a, b in zip(grads(lambda x, w: rms_norm_triton(x, w, 1e-6), x, w),
+                    grads(lambda x, w: rms_norm_reference(x, w, 1e-6), x, w)):
+        torch.testing.assert_close(a, b, **cases.FP32)
+    g, u = torch.randn(2, 3, 50), torch.randn(2, 3, 50)
+    for a, b in zip(grads(swiglu_triton, g, u), grads(swiglu_reference, g, u)):
+        torch.testing.assert_close(a, b, **cases.FP32)
+    cos, sin = cases.rope_tables(2, 5, 16, "cpu")
+    q, k = torch.randn(2, 4, 5, 16), torch.randn(2, 2, 5, 16)
+    for a, b in zip(grads(lambda q, k: apply_rope_triton(q, k, cos, sin), q, k),
+                    grads(lambda q, k: apply_rope_reference(q, k, cos, sin), q, k)):
+        torch.testing.assert_close(a, b, **cases.FP32)
