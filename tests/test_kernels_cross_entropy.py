@@ -136,6 +136,16 @@ def test_equals_the_hf_model_loss():
     torch.testing.assert_close(got, want, **REL)
 
 
+def test_references_compose_to_the_hf_qwen3_model():
+    """A 2-layer Qwen3 rebuilt from the dispatching ops (the references on CPU): HF's loss and every
+    parameter gradient within 1e-4, the fast path's numerics target."""
+    import kernel_cases as cases
+    from loraforge.kernels import apply_rope, rms_norm, swiglu
+
+    cases.check_qwen3_model(dict(rms_norm=rms_norm, apply_rope=apply_rope, swiglu=swiglu,
+                                 linear_cross_entropy=lambda *a, **k: linear_cross_entropy(*a, chunk_tokens=4, **k)))
+
+
 def test_default_chunk_keeps_logits_near_256_mib():
     chunk = default_chunk_tokens(151936)
     assert chunk % 32 == 0 and 200 * 2**20 < chunk * 151936 * 4 <= 256 * 2**20

@@ -268,3 +268,18 @@ def test_kernels_take_broadcast_gradients():
     for a, b in zip(grads(lambda q, k: apply_rope_triton(q, k, cos, sin), q, k),
                     grads(lambda q, k: apply_rope_reference(q, k, cos, sin), q, k)):
         torch.testing.assert_close(a, b, **cases.FP32)
+
+
+@in_child
+def test_kernels_compose_to_the_hf_qwen3_model():
+    """A 2-layer Qwen3 rebuilt with the Triton kernels: HF's loss and every gradient within 1e-4."""
+    from loraforge.kernels.cross_entropy import linear_cross_entropy_triton
+    from loraforge.kernels.rms_norm import rms_norm_triton
+    from loraforge.kernels.rope import apply_rope_triton
+    from loraforge.kernels.swiglu import swiglu_triton
+
+    def loss(*args, **kwargs):
+        return linear_cross_entropy_triton(*args, chunk_tokens=5, **kwargs)
+
+    cases.check_qwen3_model(dict(rms_norm=rms_norm_triton, apply_rope=apply_rope_triton, swiglu=swiglu_triton,
+                                 linear_cross_entropy=loss))
