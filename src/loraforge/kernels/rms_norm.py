@@ -5,8 +5,8 @@ normalise in fp32, cast the normalised tensor back to the input dtype, then mult
 output dtype is the promotion of the two (bf16 input with fp32 weights gives fp32). The kernel reproduces
 that rounding step, so in bf16 it matches the eager module up to the last bit of the row statistics.
 
-The backward saves the input and one fp32 ``rstd`` per row instead of the fp32 normalised tensor, which
-eager autograd keeps (2x the activation in bf16).
+The backward saves the input and one fp32 ``rstd`` per row. Eager autograd keeps the fp32 upcast of the
+input (twice the bytes of a bf16 activation), plus the bf16 normalised tensor when the weight trains.
 """
 
 import torch
