@@ -69,13 +69,14 @@ def _compile_cases():
                           for m in ("rms_norm", "swiglu", "rope", "cross_entropy"))
     bf = "*bf16"
     out = []
-    for hidden in (4096, 5120, 128):  # Qwen3-8B / -14B hidden, and the per-head q/k norms
+    for hidden in (4096, 5120, 1024, 128):  # Qwen3-8B / -14B / -0.6B hidden, and the per-head q/k norms
         block, rows, warps = rms._launch_shape(hidden)
         sig = {"X": bf, "W": bf, "Y": bf, "RSTD": "*fp32", "n_rows": "i32", "n_cols": "i32", "stride_x": "i32",
                "stride_y": "i32", "eps": "fp32"}
         out.append((rms._rms_norm_fwd, sig, {"ROWS": rows, "BLOCK": block}, {"num_warps": warps}))
         sig = {"DY": bf, "X": bf, "W": bf, "RSTD": "*fp32", "DX": bf, "DW_PART": "*fp32", "n_rows": "i32",
                "n_cols": "i32", "stride_dy": "i32", "stride_x": "i32", "stride_dx": "i32"}
+        block, rows, warps = rms._launch_shape(hidden, backward=True)
         out.append((rms._rms_norm_bwd, sig, {"HAS_DW": hidden == 128, "ROWS": rows, "BLOCK": block},
                     {"num_warps": warps}))
     strides = {"n_cols": "i32", "stride_g": "i32", "stride_u": "i32"}

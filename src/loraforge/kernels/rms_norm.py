@@ -41,13 +41,20 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 _MAX_COLS = 32768
 
 
-def _launch_shape(n_cols: int) -> tuple[int, int, int]:
-    """(block of columns, rows per program, warps): narrow rows (q/k norms, head_dim 128) batch rows so a
-    program still moves ~4K elements; wide rows (hidden 4096+) take one row per program and more warps."""
+def _launch_shape(n_cols: int, backward: bool = False) -> tuple[int, int, int]:
+    """(block of columns, rows per program, warps) for one program.
+
+    Narrow rows (q/k norms, head_dim 128) are batched so a program still moves a few thousand elements;
+    wide rows (hidden 4096+) take one row per program. The backward holds five fp32 values per element:
+    at 16 elements per thread it needs ~130 registers (one 8-warp program per SM on Hopper), so it gets
+    8 elements per thread (~64-80 registers, checked by the sm_90 compile test).
+    """
     block = next_power_of_2(n_cols)
-    rows = max(1, min(16, 4096 // block))
-    warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
-    return block, rows, warps
+    if not backward:
+        rows = max(1, min(16, 4096 // block))
+        return block, rows, (4 if block <= 2048 else 8 if block <= 8192 else 16)
+    rows = max(1, min(16, 2048 // block))
+    return block, rows, min(32, max(4, rows * block // 256))
 
 
 def _rows_view(t: torch.Tensor) -> torch.Tensor:
@@ -130,7 +137,7 @@ class _RMSNormFunction(torch.autograd.Function):
         dy2 = _rows_view(dy)
         dx = torch.empty_like(x2)
         has_dw = ctx.needs_input_grad[1]
-        block, rows, warps = _launch_shape(n_cols)
+        block, rows, warps = _launch_shape(n_cols, backward=True)
         nprog = max(1, min(program_count(x2.device), cdiv(n_rows, rows)))
         dw_part = torch.zeros((nprog, n_cols), dtype=torch.float32, device=x2.device) if has_dw else dx
         if n_rows == 0:
