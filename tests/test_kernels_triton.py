@@ -86,9 +86,9 @@ def _compile_cases():
                 {"BLOCK": swi._BLOCK}, {}))
     names = "Q K QO KO COS SIN seq_len n_qh n_kh sqb sqh sqs skb skh sks sqob sqoh sqos skob skoh skos scb scs".split()
     sig = {n: (bf if i < 6 else "i32") for i, n in enumerate(names)}
-    for backward in (False, True):
+    for backward in (False, True):  # Qwen3-8B: 32 query and 8 key-value heads of 128
         out.append((rope._rope_kernel, sig, {"HALF": 64, "BLOCK_QH": 32, "BLOCK_KH": 8, "BLOCK_HALF": 64,
-                                             "BACKWARD": backward}, {}))
+                                             "BACKWARD": backward}, {"num_warps": 8}))
     sig = {"LOGITS": bf, "stride_row": "i32", "LABELS": "*i64", "LOSS": "*fp32", "INV_SCALE": "*fp32",
            "n_cols": "i32", "ignore_index": "i32", "softcap": "fp32"}
     for softcap in (False, True):
