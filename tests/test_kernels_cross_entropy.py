@@ -87,6 +87,12 @@ def test_custom_ignore_index():
     torch.testing.assert_close(loss, ref, **REL)
 
 
+def test_int32_labels():
+    hidden, weight, labels = _case()
+    loss = linear_cross_entropy(hidden, weight, labels.int(), chunk_tokens=10)
+    torch.testing.assert_close(loss, linear_cross_entropy_reference(hidden, weight, labels), **REL)
+
+
 def test_without_grad_gives_the_same_loss():
     hidden, weight, labels = _case()
     with torch.no_grad():
@@ -128,6 +134,16 @@ def test_equals_the_hf_model_loss():
     want = torch.autograd.grad(out.loss, model.lm_head.weight)[0]
     got = torch.autograd.grad(ours, model.lm_head.weight)[0]
     torch.testing.assert_close(got, want, **REL)
+
+
+def test_references_compose_to_the_hf_qwen3_model():
+    """A 2-layer Qwen3 rebuilt from the dispatching ops (the references on CPU): HF's loss and every
+    parameter gradient within 1e-4, the fast path's numerics target."""
+    import kernel_cases as cases
+    from loraforge.kernels import apply_rope, rms_norm, swiglu
+
+    cases.check_qwen3_model(dict(rms_norm=rms_norm, apply_rope=apply_rope, swiglu=swiglu,
+                                 linear_cross_entropy=lambda *a, **k: linear_cross_entropy(*a, chunk_tokens=4, **k)))
 
 
 def test_default_chunk_keeps_logits_near_256_mib():
@@ -175,7 +191,7 @@ def test_gpu_bf16_qwen3_vocab_matches_and_saves_memory(kernels, monkeypatch):
 
     loss, grad, peak = run(linear_cross_entropy)
     ref, ref_grad, ref_peak = run(linear_cross_entropy_reference)
-    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss, ref, rtol=5e-4, atol=1e-4)
     torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=2e-2, atol=2e-2 * ref_grad.abs().max().item())
     assert peak < ref_peak / 4, (peak, ref_peak)
 

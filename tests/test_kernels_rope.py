@@ -99,3 +99,13 @@ def test_triton_bf16_is_eager_bit_for_bit_on_gpu():
     want = apply_rope_reference(q, k, cos.bfloat16(), sin.bfloat16())
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+@gpu
+@needs_cuda
+def test_dispatch_runs_the_kernel_on_gpu():
+    cos, sin = cases.rope_tables(1, 8, 16, "cuda")
+    q = torch.randn(1, 4, 8, 16, device="cuda", requires_grad=True)
+    k = torch.randn(1, 2, 8, 16, device="cuda", requires_grad=True)
+    assert use_triton(q)
+    assert "RoPEFunction" in type(apply_rope(q, k, cos, sin)[0].grad_fn).__name__

@@ -28,16 +28,103 @@ REPO = Path(__file__).resolve().parents[1]
 in_child = pytest.mark.skipif(not INTERPRETED, reason="runs in the child started by test_triton_kernels_interpreted")
 
 
+def _interpreter_broken() -> str:
+    """Why this triton's interpreter cannot run the kernels here, or "" when it can.
+
+    Before 3.9 the interpreter turns a loop bound into a Python int with ``int(array)``, which NumPy 2.4
+    refuses for 1-element arrays, so every kernel with a runtime-bounded loop fails (triton 3.6 + NumPy 2.4
+    does; 3.9 squeezes first).
+    """
+    import numpy as np
+    import triton
+
+    def version(text):
+        return tuple(int(p) for p in text.split("+")[0].split(".")[:2])
+
+    if version(np.__version__) >= (2, 4) and version(triton.__version__) < (3, 9):
+        return f"triton {triton.__version__}'s interpreter cannot run with NumPy {np.__version__} (needs triton>=3.9)"
+    return ""
+
+
 @pytest.mark.skipif(INTERPRETED or not triton_available(), reason="needs triton (CUDA PyTorch ships it)")
 def test_triton_kernels_interpreted():
+    if _interpreter_broken():
+        pytest.skip(_interpreter_broken())
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)), "-k", "not interpreted"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
+         "-k", "not interpreted and not compile"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+
+
+def _compile_cases():
+    """(kernel, signature, constexprs, options) for the launches the training path makes, in bf16."""
+    import importlib
+
+    rms, swi, rope, ce = (importlib.import_module(f"loraforge.kernels.{m}")
+                          for m in ("rms_norm", "swiglu", "rope", "cross_entropy"))
+    bf = "*bf16"
+    out = []
+    for hidden in (4096, 5120, 1024, 128):  # Qwen3-8B / -14B / -0.6B hidden, and the per-head q/k norms
+        block, rows, warps = rms._launch_shape(hidden)
+        sig = {"X": bf, "W": bf, "Y": bf, "RSTD": "*fp32", "n_rows": "i32", "n_cols": "i32", "stride_x": "i32",
+               "stride_y": "i32", "eps": "fp32"}
+        out.append((rms._rms_norm_fwd, sig, {"ROWS": rows, "BLOCK": block}, {"num_warps": warps}))
+        sig = {"DY": bf, "X": bf, "W": bf, "RSTD": "*fp32", "DX": bf, "DW_PART": "*fp32", "n_rows": "i32",
+               "n_cols": "i32", "stride_dy": "i32", "stride_x": "i32", "stride_dx": "i32"}
+        block, rows, warps = rms._launch_shape(hidden, backward=True)
+        out.append((rms._rms_norm_bwd, sig, {"HAS_DW": hidden == 128, "ROWS": rows, "BLOCK": block},
+                    {"num_warps": warps}))
+    strides = {"n_cols": "i32", "stride_g": "i32", "stride_u": "i32"}
+    out.append((swi._swiglu_fwd, {"G": bf, "U": bf, "Y": bf, **strides, "stride_y": "i32"}, {"BLOCK": swi._BLOCK}, {}))
+    out.append((swi._swiglu_bwd, {"DY": bf, "G": bf, "U": bf, "DG": bf, "DU": bf, "n_cols": "i32", "stride_dy": "i32",
+                                  "stride_g": "i32", "stride_u": "i32", "stride_dg": "i32", "stride_du": "i32"},
+                {"BLOCK": swi._BLOCK}, {}))
+    names = "Q K QO KO COS SIN seq_len n_qh n_kh sqb sqh sqs skb skh sks sqob sqoh sqos skob skoh skos scb scs".split()
+    sig = {n: (bf if i < 6 else "i32") for i, n in enumerate(names)}
+    for backward in (False, True):  # Qwen3-8B: 32 query and 8 key-value heads of 128
+        out.append((rope._rope_kernel, sig, {"HALF": 64, "BLOCK_QH": 32, "BLOCK_KH": 8, "BLOCK_HALF": 64,
+                                             "BACKWARD": backward}, {"num_warps": 8}))
+    sig = {"LOGITS": bf, "stride_row": "i32", "LABELS": "*i64", "LOSS": "*fp32", "INV_SCALE": "*fp32",
+           "n_cols": "i32", "ignore_index": "i32", "softcap": "fp32"}
+    for softcap in (False, True):
+        out.append((ce._ce_kernel, sig, {"HAS_SOFTCAP": softcap, "WRITE_GRAD": True, "BLOCK": ce._CE_BLOCK},
+                    {"num_warps": 16}))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+@pytest.mark.skipif(INTERPRETED or not triton_available(), reason="needs triton (CUDA PyTorch ships it)")
+def test_triton_kernels_compile_for_hopper():
+    """The interpreter runs the kernels as NumPy and misses what only the compiler checks (types of
+    loop-carried values, constexpr use, register spills). Triton's wheel carries ptxas, so every kernel is
+    compiled here to an sm_90 cubin with no GPU, and must not spill registers to local memory."""
+    import importlib.util
+    import subprocess as sp
+    import tempfile
+
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("this triton has no NVIDIA backend")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cuobjdump = Path(importlib.util.find_spec("triton.backends.nvidia").origin).parent / "bin" / "cuobjdump"
+    for kernel, sig, consts, options in _compile_cases():
+        full = {**sig, **{name: "constexpr" for name in consts}}
+        compiled = triton.compile(ASTSource(kernel, full, consts), target=GPUTarget("cuda", 90, 32), options=options)
+        assert compiled.asm.get("cubin"), kernel.__name__
+        if cuobjdump.exists():
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(compiled.asm["cubin"])
+                f.flush()
+                usage = sp.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+            assert "LOCAL:0" in usage, f"{kernel.__name__} {consts} spills registers: {usage}"
 
 
 @in_child
@@ -66,6 +153,10 @@ def test_rms_norm_kernel_keeps_leading_shape():
     x = torch.randn(2, 3, 4, 16)
     w = torch.randn(16)
     torch.testing.assert_close(rms_norm_triton(x, w, 1e-5), rms_norm_reference(x, w, 1e-5), **cases.FP32)
+    empty = torch.randn(0, 16, requires_grad=True)
+    wg = w.clone().requires_grad_()
+    rms_norm_triton(empty, wg, 1e-5).sum().backward()
+    assert empty.grad.shape == (0, 16) and torch.count_nonzero(wg.grad) == 0
 
 
 @in_child
@@ -107,6 +198,38 @@ def test_rope_kernel_bf16_matches_eager_rounding():
 
 
 @in_child
+def test_rope_kernel_fp16_is_eager_bit_for_bit():
+    """fp16 casts are exact in the interpreter (NumPy has float16), so the rounding of each product, which
+    makes the kernel equal eager bf16/fp16 on the GPU, is checked bit for bit here."""
+    from loraforge.kernels.rope import apply_rope_reference, apply_rope_triton
+
+    cos, sin = cases.rope_tables(2, 6, 32, "cpu")
+    q = torch.randn(2, 6, 4, 32).half().transpose(1, 2)
+    k = torch.randn(2, 6, 2, 32).half().transpose(1, 2)
+    got = apply_rope_triton(q, k, cos.half(), sin.half())
+    want = apply_rope_reference(q, k, cos.half(), sin.half())
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@in_child
+@pytest.mark.parametrize("op", ["rms_norm", "swiglu", "cross_entropy"])
+def test_fp16_kernels(op):
+    """Turing cards (T4) train in fp16: the same kernels with fp16 inputs."""
+    from loraforge.kernels.cross_entropy import linear_cross_entropy_reference, linear_cross_entropy_triton
+    from loraforge.kernels.rms_norm import rms_norm_reference, rms_norm_triton
+    from loraforge.kernels.swiglu import swiglu_reference, swiglu_triton
+
+    if op == "rms_norm":
+        cases.check_rms_norm(rms_norm_triton, rms_norm_reference, rows=6, cols=96, device="cpu", dtype=torch.float16)
+    elif op == "swiglu":
+        cases.check_swiglu(swiglu_triton, swiglu_reference, rows=5, cols=70, device="cpu", dtype=torch.float16)
+    else:
+        cases.check_linear_cross_entropy(linear_cross_entropy_triton, linear_cross_entropy_reference, tokens=12,
+                                         hidden=16, vocab=300, device="cpu", dtype=torch.float16, chunk_tokens=5)
+
+
+@in_child
 def test_rope_kernel_output_keeps_input_layout():
     """Transposed [B, S, H, D] views come back in the same memory layout, so the attention call that
     follows sees the strides it would see on the eager path."""
@@ -139,3 +262,45 @@ def test_cross_entropy_kernel_bf16():
 
     cases.check_linear_cross_entropy(linear_cross_entropy_triton, linear_cross_entropy_reference, tokens=20,
                                      hidden=32, vocab=700, device="cpu", dtype=torch.bfloat16, chunk_tokens=8)
+
+
+@in_child
+def test_kernels_take_broadcast_gradients():
+    """``out.sum().backward()`` hands the backward an expanded gradient (all strides 0)."""
+    from loraforge.kernels.rms_norm import rms_norm_reference, rms_norm_triton
+    from loraforge.kernels.rope import apply_rope_reference, apply_rope_triton
+    from loraforge.kernels.swiglu import swiglu_reference, swiglu_triton
+
+    def grads(fn, *inputs):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        out = fn(*leaves)
+        sum(o.sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
+        return [t.grad for t in leaves]
+
+    x, w = torch.randn(3, 4, 40), torch.randn(40)
+    for a, b in zip(grads(lambda x, w: rms_norm_triton(x, w, 1e-6), x, w),
+                    grads(lambda x, w: rms_norm_reference(x, w, 1e-6), x, w)):
+        torch.testing.assert_close(a, b, **cases.FP32)
+    g, u = torch.randn(2, 3, 50), torch.randn(2, 3, 50)
+    for a, b in zip(grads(swiglu_triton, g, u), grads(swiglu_reference, g, u)):
+        torch.testing.assert_close(a, b, **cases.FP32)
+    cos, sin = cases.rope_tables(2, 5, 16, "cpu")
+    q, k = torch.randn(2, 4, 5, 16), torch.randn(2, 2, 5, 16)
+    for a, b in zip(grads(lambda q, k: apply_rope_triton(q, k, cos, sin), q, k),
+                    grads(lambda q, k: apply_rope_reference(q, k, cos, sin), q, k)):
+        torch.testing.assert_close(a, b, **cases.FP32)
+
+
+@in_child
+def test_kernels_compose_to_the_hf_qwen3_model():
+    """A 2-layer Qwen3 rebuilt with the Triton kernels: HF's loss and every gradient within 1e-4."""
+    from loraforge.kernels.cross_entropy import linear_cross_entropy_triton
+    from loraforge.kernels.rms_norm import rms_norm_triton
+    from loraforge.kernels.rope import apply_rope_triton
+    from loraforge.kernels.swiglu import swiglu_triton
+
+    def loss(*args, **kwargs):
+        return linear_cross_entropy_triton(*args, chunk_tokens=5, **kwargs)
+
+    cases.check_qwen3_model(dict(rms_norm=rms_norm_triton, apply_rope=apply_rope_triton, swiglu=swiglu_triton,
+                                 linear_cross_entropy=loss))

@@ -3,8 +3,11 @@
 Each op lives in its own module with a pure-PyTorch reference (``<op>_reference``) beside its Triton
 version. The choice between them is made here, in :func:`use_triton`, and nowhere else: CPU tensors,
 machines without Triton and ``LORAFORGE_KERNELS=reference`` take the reference, so any numeric doubt can be
-settled by running both. ``linear_cross_entropy`` is chunked pure PyTorch on every device (its win is
-memory, not a kernel).
+settled by running both. ``linear_cross_entropy`` chunks its tokens on every device (its win is memory);
+only the per-chunk softmax/gradient step switches between a Triton kernel and PyTorch ops.
+
+The Triton kernels are proven against the references under ``TRITON_INTERPRET=1`` on CPU, compiled for
+sm_90 without a GPU, and run in bf16 on a GPU by the ``gpu`` tests (``tests/test_kernels_*.py``).
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 
 The plain loss builds ``hidden @ weight.T`` as [tokens, vocab] logits, upcasts them to fp32 and keeps them
 for the backward: for 8192 tokens and Qwen's 151,936 words that is ~12 bytes per token and word, ~14 GiB.
-Here the tokens are processed in chunks: each chunk's fp32 logits (a few hundred MiB) give that chunk's
-loss and, right away, its gradient with respect to ``hidden`` (and ``weight`` when it is trained), and are
-freed before the next chunk. The backward only scales the stored gradients by the incoming one.
+Here the tokens are processed in chunks: each chunk's logits (~256 MiB) give that chunk's loss and, right
+away, its gradient with respect to ``hidden`` (and ``weight`` when it is trained), and are freed before the
+next chunk. The backward only scales the stored gradients by the incoming one, so the op keeps one
+[N, H] gradient instead of [N, V] logits.
 
 The chunking itself is pure PyTorch and runs on every device. Per chunk, the reference path upcasts the
 logits to fp32 and takes ~8 element-wise passes over them (logsumexp, exp, one-hot, scaling, downcast);
@@ -87,6 +88,7 @@ def linear_cross_entropy_triton(hidden, weight, labels, *, ignore_index=-100, ch
 
 def _run(hidden, weight, labels, ignore_index, chunk_tokens, reduction, softcap, *, fused):
     _check(hidden, weight, labels, reduction)
+    labels = labels.long()  # gather and the kernel index with int64 (a no-op for the usual int64 labels)
     bytes_per_logit = weight.element_size() if fused else 4
     chunk = chunk_tokens or default_chunk_tokens(weight.shape[0], bytes_per_logit)
     if chunk < 1:

@@ -5,8 +5,8 @@ normalise in fp32, cast the normalised tensor back to the input dtype, then mult
 output dtype is the promotion of the two (bf16 input with fp32 weights gives fp32). The kernel reproduces
 that rounding step, so in bf16 it matches the eager module up to the last bit of the row statistics.
 
-The backward saves the input and one fp32 ``rstd`` per row instead of the fp32 normalised tensor, which
-eager autograd keeps (2x the activation in bf16).
+The backward saves the input and one fp32 ``rstd`` per row. Eager autograd keeps the fp32 upcast of the
+input (twice the bytes of a bf16 activation), plus the bf16 normalised tensor when the weight trains.
 """
 
 import torch
@@ -41,13 +41,20 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 _MAX_COLS = 32768
 
 
-def _launch_shape(n_cols: int) -> tuple[int, int, int]:
-    """(block of columns, rows per program, warps): narrow rows (q/k norms, head_dim 128) batch rows so a
-    program still moves ~4K elements; wide rows (hidden 4096+) take one row per program and more warps."""
+def _launch_shape(n_cols: int, backward: bool = False) -> tuple[int, int, int]:
+    """(block of columns, rows per program, warps) for one program.
+
+    Narrow rows (q/k norms, head_dim 128) are batched so a program still moves a few thousand elements;
+    wide rows (hidden 4096+) take one row per program. The backward holds five fp32 values per element:
+    at 16 elements per thread it needs ~130 registers (one 8-warp program per SM on Hopper), so it gets
+    8 elements per thread (~64-80 registers, checked by the sm_90 compile test).
+    """
     block = next_power_of_2(n_cols)
-    rows = max(1, min(16, 4096 // block))
-    warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
-    return block, rows, warps
+    if not backward:
+        rows = max(1, min(16, 4096 // block))
+        return block, rows, (4 if block <= 2048 else 8 if block <= 8192 else 16)
+    rows = max(1, min(16, 2048 // block))
+    return block, rows, min(32, max(4, rows * block // 256))
 
 
 def _rows_view(t: torch.Tensor) -> torch.Tensor:
@@ -113,12 +120,14 @@ class _RMSNormFunction(torch.autograd.Function):
         y = torch.empty((n_rows, n_cols), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         block, rows, warps = _launch_shape(n_cols)
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.x_shape = x.shape
+        if n_rows == 0:
+            return y.view(x.shape)
         _rms_norm_fwd[(cdiv(n_rows, rows),)](
             x2, weight, y, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), eps,
             ROWS=rows, BLOCK=block, num_warps=warps,
         )
-        ctx.save_for_backward(x2, weight, rstd)
-        ctx.x_shape = x.shape
         return y.view(x.shape)
 
     @staticmethod
@@ -128,9 +137,11 @@ class _RMSNormFunction(torch.autograd.Function):
         dy2 = _rows_view(dy)
         dx = torch.empty_like(x2)
         has_dw = ctx.needs_input_grad[1]
-        block, rows, warps = _launch_shape(n_cols)
+        block, rows, warps = _launch_shape(n_cols, backward=True)
         nprog = max(1, min(program_count(x2.device), cdiv(n_rows, rows)))
-        dw_part = torch.empty((nprog, n_cols), dtype=torch.float32, device=x2.device) if has_dw else dx
+        dw_part = torch.zeros((nprog, n_cols), dtype=torch.float32, device=x2.device) if has_dw else dx
+        if n_rows == 0:
+            return dx.view(ctx.x_shape), (dw_part.sum(0).to(weight.dtype) if has_dw else None), None
         _rms_norm_bwd[(nprog,)](
             dy2, x2, weight, rstd, dx, dw_part, n_rows, n_cols, dy2.stride(0), x2.stride(0), dx.stride(0),
             HAS_DW=has_dw, ROWS=rows, BLOCK=block, num_warps=warps,
