@@ -142,8 +142,9 @@ class _NaNAt(TrainerCallback):
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step + 1 in self.steps:
-            head = model.get_output_embeddings()
-            self.handle = head.register_forward_hook(lambda mod, inp, out: out * float("nan"))
+            # at the input embeddings, so it reaches the loss on the standard and the fast path alike
+            embed = model.get_input_embeddings()
+            self.handle = embed.register_forward_hook(lambda mod, inp, out: out * float("nan"))
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.handle is not None:

@@ -125,7 +125,7 @@ def worker_peer(kind: str, path: str, seq: int, bs: int, steps: int, warmup: int
 
 
 def worker_loraforge(kind: str, path: str, seq: int, bs: int, steps: int, warmup: int, lora16: bool,
-                     work: Path) -> None:
+                     work: Path, profile: str | None = None) -> None:
     """loraforge through its real flow: config -> load_config -> run_train, on the same token batches."""
     import torch
     from transformers import TrainerCallback
@@ -164,7 +164,19 @@ def worker_loraforge(kind: str, path: str, seq: int, bs: int, steps: int, warmup
     times, losses = {}, []
 
     class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if profile and state.global_step == warmup + steps - 1:  # the last measured step, profiled
+                times["prof"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                                   torch.profiler.ProfilerActivity.CUDA])
+                times["prof"].__enter__()
+
         def on_step_end(self, args, state, control, **kw):
+            if "prof" in times and state.global_step == warmup + steps:
+                torch.cuda.synchronize()
+                prof = times.pop("prof")
+                prof.__exit__(None, None, None)
+                table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=60)
+                Path(profile).write_text(table, encoding="utf-8")
             if state.global_step == warmup:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -213,6 +225,8 @@ def main() -> None:
     ap.add_argument("--path", default=os.path.join(tempfile.gettempdir(), "qwen3-bench"))
     ap.add_argument("--timeout", type=int, default=240)
     ap.add_argument("--out", default="benchmarks/results/peers")
+    ap.add_argument("--profile", help="loraforge workers: write a torch.profiler table of the last measured step "
+                    "here (that step is then not representative of speed)")
     ap.add_argument("--worker")
     ap.add_argument("--seq", type=int)
     ap.add_argument("--bs", type=int)
@@ -222,7 +236,8 @@ def main() -> None:
         make_model(a.size, path, Path(a.tokenizer) if a.tokenizer else None)
     elif a.worker:
         if a.worker.startswith("loraforge"):
-            worker_loraforge(a.worker, str(path), a.seq, a.bs, a.steps, a.warmup, a.lora16, Path(a.path))
+            worker_loraforge(a.worker, str(path), a.seq, a.bs, a.steps, a.warmup, a.lora16, Path(a.path),
+                             a.profile)
         else:
             worker_peer(a.worker, str(path), a.seq, a.bs, a.steps, a.warmup, a.lora16)
     if a.worker:
