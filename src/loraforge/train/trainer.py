@@ -1,6 +1,6 @@
 """The Hugging Face Trainer with the few behaviours loraforge changes, each in a small named override.
 
-- ``training_step``: hands each micro-batch loss to the non-finite guard (checked once per optimizer step).
+- ``training_step``: tells the non-finite guard when a micro-batch loss is NaN/inf.
 - ``_save_checkpoint``: writes each checkpoint into a staging folder and renames it when complete.
 - ``create_optimizer``: LoRA+ parameter groups when ``loraplus_lr_ratio`` is set.
 - ``compute_loss``: on the fast path, asks the model for no logits while training (the fused loss, given as
@@ -80,21 +80,11 @@ class LoraforgeTrainer(Seq2SeqTrainer):
         if is_empty_slot(inputs):  # a slot of a repacked step: its samples ran in a packed micro-batch
             return torch.zeros((), device=self.args.device)
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.guard is not None:
-            self.guard.note_loss(loss)
+        if self.guard is not None and not torch.isfinite(loss).all():
+            self.guard.mark_nonfinite_loss()
         return loss
 
     def create_optimizer(self, model=None):
-        optimizer = self._create_optimizer(model)
-        if not getattr(optimizer, "_loraforge_hooked", False):
-            from ..kernels.lora import invalidate_compute_copies
-
-            # the fast path caches 16-bit copies of the adapter weights for one optimizer step
-            optimizer.register_step_post_hook(lambda *_args: invalidate_compute_copies())
-            optimizer._loraforge_hooked = True
-        return optimizer
-
-    def _create_optimizer(self, model=None):
         if self.optimizer is None and self.loraplus:
             from ..models.adapters import loraplus_param_groups
 
