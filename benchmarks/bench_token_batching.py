@@ -39,6 +39,7 @@ RECIPE = {
 def _callback(warm: int, steps: int, marks: dict, profile_steps: int):
     """Clock marks at the warm-up and last measured step; a torch.profiler window over the extra steps."""
     import torch
+    from torch.autograd import DeviceType
     from transformers import TrainerCallback
 
     cuda = torch.cuda.is_available()
@@ -63,8 +64,11 @@ def _callback(warm: int, steps: int, marks: dict, profile_steps: int):
                 torch.cuda.synchronize()
                 marks["profile_end"] = time.perf_counter()
                 self.profiler.stop()
-                events = self.profiler.key_averages()
-                marks["gpu_kernel_s"] = sum(e.self_device_time_total for e in events) / 1e6
+                # device-side events only (as the profiler table's "Self CUDA total"): CPU ops also carry the
+                # device time of the kernels they launched, which would count every kernel twice
+                kernels = [e for e in self.profiler.key_averages() if e.device_type == DeviceType.CUDA
+                           and not getattr(e, "is_user_annotation", False)]
+                marks["gpu_kernel_s"] = sum(e.self_device_time_total for e in kernels) / 1e6
                 self.profiler = None
 
     return Clock()

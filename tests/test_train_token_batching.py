@@ -107,6 +107,37 @@ def test_micro_batch_tokens_rejects_nonsense(value):
                     purpose="train", build_training_args=False)
 
 
+def test_auto_budget_follows_the_memory_model(monkeypatch):
+    """The GPU path of `auto` on a simulated device: more free memory, larger budget; sdpa pays for its mask."""
+    from types import SimpleNamespace
+
+    from loraforge.train import token_budget
+
+    cfg = load_config({"model_name_or_path": "tiny-random-qwen3", "dataset": "x", "bf16": True,
+                       "quantization_bit": 4, "per_device_train_batch_size": 2, "cutoff_len": 1024},
+                      purpose="train", build_training_args=False)
+    args = SimpleNamespace(per_device_train_batch_size=2, use_cpu=False, device="cuda:0")
+    free = {"bytes": 20 * 2**30}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+
+    def budget(impl: str) -> tuple[int, str]:
+        return token_budget.auto_budget(cfg, SimpleNamespace(config=SimpleNamespace(_attn_implementation=impl)), args)
+
+    per_token, _ = token_budget._memory_model(cfg)
+    sdpa, why = budget("sdpa")
+    flash, _ = budget("flash_attention_2")
+    assert sdpa % 256 == 0 and 2048 < sdpa <= flash <= 0.85 * free["bytes"] / per_token
+    assert "GiB free for activations" in why and "sdpa mask" in why
+    assert budget("eager")[0] == 2 * 1024  # what `off` would hold at most
+    free["bytes"] = 200 * 2**30
+    assert budget("flash_attention_2")[0] == token_budget.AUTO_CAP
+    free["bytes"] = 2**30
+    assert budget("sdpa")[0] == 2 * 1024  # never below `off`'s own worst case
+
+
 # --- training runs -------------------------------------------------------------------------------------------
 
 

@@ -77,7 +77,8 @@ def _model_problem(model) -> str | None:
 def incompatibility(cfg, model, args) -> str | None:
     """Why this run cannot regroup its steps exactly (None when it can)."""
     d = cfg.data
-    if d.packing or d.neat_packing:
+    # stage pt cuts its text stream into independent blocks (no position_ids): regrouping them stays exact
+    if d.neat_packing or (d.packing and cfg.finetuning.stage != "pt"):
         return "`packing`/`neat_packing` already fill each sequence (their LLaMA-Factory meaning is kept)"
     if args.per_device_train_batch_size * args.gradient_accumulation_steps == 1:
         return "one sample per optimizer step: nothing to regroup"
