@@ -135,7 +135,7 @@ def child_env(gpus: int, cpu: bool) -> dict[str, str]:
 
 
 def run_one(a: argparse.Namespace, name: str, gpus: int, config: Path, overrides: list[str], timeout: float,
-            cap: float | None = None) -> dict:
+            tokens_per_step: int, cap: float | None = None) -> dict:
     """Train one setup in fresh processes; returns its numbers, or its exit code and the tail of its log."""
     run_dir = Path(a.work) / "runs" / name
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -163,7 +163,7 @@ def run_one(a: argparse.Namespace, name: str, gpus: int, config: Path, overrides
     if code != 0 or len(ranks) != gpus:
         tail = log.read_text(encoding="utf-8", errors="replace")[-3000:]
         return {**result, "ok": False, "exit": code, "ranks_reported": len(ranks), "log_tail": tail}
-    return {**result, "ok": True, **report.summarize(ranks, gpus=gpus, tokens_per_step=a.global_batch * a.seq)}
+    return {**result, "ok": True, **report.summarize(ranks, gpus=gpus, tokens_per_step=tokens_per_step)}
 
 
 def estimate_seed(config: Path, gpus: int, cap: float) -> dict:
@@ -277,25 +277,27 @@ def driver(a: argparse.Namespace) -> int:
     build_main = _start_build(a, a.size, model_dir, 0)
     build_seed = _start_build(a, a.seed_size, seed_dir, a.gpus - 1) if seeding and a.gpus > 1 else None
     data_dir = work / "data"
-    write_data(data_dir, a.seq, rows=a.global_batch * (a.steps + max(a.seed_steps * 8 // a.global_batch, 1) + 2))
+    write_data(data_dir, a.seq, rows=max(a.global_batch * a.steps, 2 * 4 * a.gpus * a.seed_steps) + 16)
     import yaml
 
     config = work / "bench.yaml"
     config.write_text(yaml.safe_dump(base_config(a, model_dir, data_dir)), encoding="utf-8")
     problem = _wait_build(build_main, a, a.size, deadline)
-    baseline = None
+    seed_problem, baseline = None, None
     for name, gpus, keys in runs:
         left = deadline - time.time() - (a.seed_reserve_s if seeding and name != "seed" else 0)
         if name == "seed":
-            entry = run_seed(a, seed_dir, data_dir, build_seed, deadline)
+            entry = run_seed(a, seed_dir, data_dir, build_seed, deadline, seed_problem)
         elif problem:
             entry = {"ok": False, "skipped": problem}
         elif left < a.min_run_s:
             entry = {"ok": False, "skipped": f"time budget: {int(left)} s left (--budget-s {a.budget_s})"}
         else:
-            if gpus > 1 and build_seed is not None and build_seed.poll() is None:
-                build_seed.wait(timeout=max(left, 1))  # the seed model is being built on the last GPU
-            entry = run_one(a, name, gpus, config, _overrides(keys, gpus, a), timeout=min(a.timeout, left))
+            if gpus > 1 and build_seed is not None:  # the seed model is being built on the last GPU: let it end
+                seed_problem = _wait_build(build_seed, a, a.seed_size, time.time() + max(left, 1))
+                build_seed = None
+            entry = run_one(a, name, gpus, config, _overrides(keys, gpus, a), timeout=min(a.timeout, left),
+                            tokens_per_step=a.global_batch * a.seq)
             entry.update(per_device=a.batch, accum=a.global_batch // (a.batch * gpus), gpus=gpus)
         if name == "single":
             baseline = entry
@@ -315,7 +317,7 @@ def driver(a: argparse.Namespace) -> int:
 
 
 def run_seed(a: argparse.Namespace, seed_dir: Path, data_dir: Path, build: subprocess.Popen | None,
-             deadline: float) -> dict:
+             deadline: float, problem: str | None) -> dict:
     """The seed scenario, emulated: 14B QLoRA fp16, ZeRO-3 offload, capped GPUs; with `loraforge estimate`."""
     import yaml
 
@@ -323,9 +325,9 @@ def run_seed(a: argparse.Namespace, seed_dir: Path, data_dir: Path, build: subpr
             f"batch 2 x accumulation 4, seq {a.seq}, {a.gpus} GPUs each capped at {a.seed_cap_gib} GiB, "
             f"{a.seed_steps} steps, learning rate 2e-4 constant (the seed's 3e-5 with warm-up barely moves in so "
             "few steps)")
-    if build is None and not (seed_dir / "config.json").is_file():
+    if problem is None and build is None and not (seed_dir / "config.json").is_file():
         build = _start_build(a, a.seed_size, seed_dir, 0)
-    problem = _wait_build(build, a, a.seed_size, deadline)
+    problem = problem or _wait_build(build, a, a.seed_size, deadline)
     if problem:
         return {"ok": False, "skipped": problem, "description": desc}
     config = Path(a.work) / "seed.yaml"
@@ -335,12 +337,9 @@ def run_seed(a: argparse.Namespace, seed_dir: Path, data_dir: Path, build: subpr
     left = deadline - time.time()
     if left < a.min_run_s:
         return {"ok": False, "skipped": f"time budget: {int(left)} s left", "description": desc, "estimate": estimate}
-    saved = a.global_batch
-    a.global_batch = 2 * 4 * a.gpus  # tokens per step of the seed's batch 2 x accumulation 4
-    try:
-        entry = run_one(a, "seed", a.gpus, config, [], timeout=left, cap=a.seed_cap_gib)
-    finally:
-        a.global_batch = saved
+    # the seed's batch 2 x accumulation 4 on every GPU
+    entry = run_one(a, "seed", a.gpus, config, [], timeout=left, tokens_per_step=2 * 4 * a.gpus * a.seq,
+                    cap=a.seed_cap_gib)
     entry.update(description=desc, estimate=estimate, config=cfg)
     losses = list((entry.get("losses") or {}).values())
     entry["loss_fell"] = bool(len(losses) >= 2 and losses[-1] < losses[0])
@@ -361,9 +360,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per run (losses compared on all)")
     p.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
     p.add_argument("--seed-size", default="14b", choices=sorted(SHAPES))
-    p.add_argument("--seed-steps", type=int, default=6)
+    p.add_argument("--seed-steps", type=int, default=5)
     p.add_argument("--seed-cap-gib", type=float, default=15.0, help="GPU memory cap of the seed scenario")
-    p.add_argument("--seed-reserve-s", type=int, default=170, help="time kept for the seed scenario")
+    p.add_argument("--seed-reserve-s", type=int, default=180, help="time kept for the seed scenario")
     p.add_argument("--budget-s", type=int, default=540, help="wall time for everything; later runs are skipped")
     p.add_argument("--timeout", type=int, default=200, help="seconds allowed per run")
     p.add_argument("--min-run-s", type=int, default=60, help="do not start a run with less time left")

@@ -75,7 +75,7 @@ def markdown(result: dict) -> str:
              f"on all 7 projections, seq {s['seq']}, global batch {s['global_batch']} sequences per step, "
              f"{s['steps']} steps ({s['warmup']} untimed).", "",
              "| run | GPUs | per-GPU batch x accum | tokens/s per GPU | scaling | peak alloc per GPU (GiB) | "
-             "peak reserved (GiB) | host used (GiB) | max loss diff vs 1 GPU | status |",
+             "peak reserved (GiB) | host RAM used, peak (before) GiB | max loss diff vs 1 GPU | status |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["runs"].items():
         if name == "seed":
@@ -86,7 +86,8 @@ def markdown(result: dict) -> str:
             f"| {name} | {r.get('gpus', '-')} | {r.get('per_device', '-')} x {r.get('accum', '-')} | "
             f"{_fmt(r.get('tokens_per_s_per_gpu'), 0)} | {_fmt(r.get('scaling_vs_1gpu'), 3)} | "
             f"{_fmt(r.get('peak_alloc_gib_per_gpu'))} | {_fmt(r.get('peak_reserved_gib_per_gpu'))} | "
-            f"{_fmt(r.get('host_used_peak_gib'))} | {'-' if diff is None else f'{diff:.2%}'} | {status} |")
+            f"{_fmt(r.get('host_used_peak_gib'))} ({_fmt(r.get('host_used_before_gib'))}) | "
+            f"{'-' if diff is None else f'{diff:.2%}'} | {status} |")
     steps = sorted({int(k) for r in result["runs"].values() for k in (r.get("losses") or {})})
     named = [n for n, r in result["runs"].items() if r.get("losses") and n != "seed"]
     if steps and named:
