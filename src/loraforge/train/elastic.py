@@ -120,6 +120,7 @@ def exit_code(failures: dict[int, Any]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run torchrun with ``argv`` (its usual arguments); on a worker failure print one message, return its code."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -134,9 +135,11 @@ def main(argv: list[str] | None = None) -> int:
             pass
         print(f"loraforge: error: {failure_report(err.failures, world)}", file=sys.stderr, flush=True)
         return exit_code(err.failures)
-    except LoraforgeError as err:  # not raised by torchrun today; kept so a message never becomes a traceback
-        print(f"loraforge: error: {err}", file=sys.stderr)
-        return err.exit_code
+    except SignalException as err:  # Ctrl-C or a scheduler's SIGTERM: the workers got it too and stopped
+        name = signal.Signals(err.sigval).name
+        print(f"loraforge: torchrun stopped by {name}; the workers save a checkpoint when they can (resume with "
+              "resume_from_checkpoint=true)", file=sys.stderr)
+        return 128 + int(err.sigval)
     return 0
 
 

@@ -12,6 +12,9 @@ learning-rate schedule of the checkpoint: a 2-GPU checkpoint with 2 per device r
 (or 2 per device x 2 accumulation). With another ``G`` the Trainer would skip the wrong number of samples and the
 schedule would no longer match the data, so that is refused with the settings that keep ``G``.
 
+DeepSpeed checkpoints are the exception: their ZeRO shards (``global_stepN/``) load only on the number of
+processes that wrote them, so such a resume on another count is refused.
+
 Each checkpoint records its batch layout in ``trainer_state.json`` (``stateful_callbacks.GlobalBatch``, written
 by :class:`GlobalBatch`), so the check needs no other file. What does not carry over between process counts is
 the random stream of each rank (dropout masks): a resume on the same count restores every rank's stream exactly;
@@ -128,6 +131,12 @@ def check_resume(checkpoint: str | Path, args: Any) -> BatchLayout | None:
             f"{checkpoint} was trained with a global batch of {old.describe()}, but this run has "
             f"{new.describe()}. A resume continues the checkpoint's step count, data position and learning-rate "
             f"schedule, which only line up with the same global batch: {fix}")
+    shards = sorted(p.name for p in Path(checkpoint).glob("global_step*") if p.is_dir())
+    if shards and old.processes != new.processes:
+        raise TrainingError(
+            f"{checkpoint} holds DeepSpeed ZeRO shards ({shards[-1]}/) written by {old.processes} processes; DeepSpeed "
+            f"loads them only on the same number of processes. Resume with nproc_per_node={old.processes} (the same "
+            "engine), or start a new run from the adapter: adapter_name_or_path=" + str(checkpoint))
     if old.processes != new.processes:
         logger.info("resuming a %d-process checkpoint on %d process(es) with the same global batch of %d: the data "
                     "position and optimizer state continue exactly; per-rank random streams (dropout) start afresh",
