@@ -122,7 +122,13 @@ def main() -> int:
         seconds = make_model(a.make, Path(a.model_dir), a.tokenizer, "cpu" if a.cpu else "cuda")
         print(json.dumps({"made": a.make, "seconds": round(seconds, 1)}), flush=True)
         return 0
-    return worker(a)
+    try:
+        return worker(a)
+    except Exception as err:  # leave it where torchrun's report (loraforge.train.elastic) reads it, as `train` does
+        from loraforge.train.elastic import record_worker_error
+
+        record_worker_error(err)
+        raise
 
 
 if __name__ == "__main__":
