@@ -91,7 +91,7 @@ def test_one_process_on_two_gpus_trains_like_one_gpu(config, tmp_path, wrapped):
 def test_without_the_guard_the_trainer_would_use_dataparallel(config, tmp_path, monkeypatch, wrapped):
     """The control: the same mock with the guard switched off gives DataParallel and the doubled batch seen on
     real GPUs, so the test above proves the guard and not a mock that does nothing."""
-    monkeypatch.setattr(workflow, "keep_single_device", lambda args: False)
+    monkeypatch.setattr(workflow, "keep_single_device", lambda args, **_: False)
     seen, _ = _train(config, tmp_path / "unguarded", gpus_seen=2)
     assert (seen.n_gpu, seen.train_batch_size) == (2, 4)
     assert wrapped  # the Trainer wrapped the model

@@ -77,7 +77,7 @@ def cuda_device_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def keep_single_device(args: Any) -> bool:
+def keep_single_device(args: Any, *, split_model: bool = False) -> bool:
     """One process with several GPUs visible trains on one GPU, never in ``torch.nn.DataParallel``; True if changed.
 
     Outside torchrun, Hugging Face's TrainingArguments counts every visible GPU (``n_gpu``) and the Trainer then
@@ -89,9 +89,10 @@ def keep_single_device(args: Any) -> bool:
     """
     if getattr(args, "local_rank", -1) != -1 or args.n_gpu <= 1:  # torchrun workers already own one GPU each
         return False
-    logger.info("one training process with %d GPUs visible: training on %s only (no DataParallel); use "
-                "nproc_per_node=%d for DDP, or CUDA_VISIBLE_DEVICES to pick the GPU", args.n_gpu, args.device,
-                args.n_gpu)
+    if not split_model:  # with a model split over the GPUs, every visible GPU is used, by the model itself
+        logger.info("one training process with %d GPUs visible: training on %s only (no DataParallel); use "
+                    "nproc_per_node=%d for DDP, or CUDA_VISIBLE_DEVICES to pick the GPU", args.n_gpu, args.device,
+                    args.n_gpu)
     args._n_gpu = 1
     return True
 

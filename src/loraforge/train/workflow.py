@@ -95,7 +95,8 @@ def run_train(cfg: RunConfig, *, extra_callbacks: list | None = None) -> TrainOu
     from .trainer import LoraforgeTrainer
 
     args = cfg.training
-    keep_single_device(args)  # one process = one GPU: never torch.nn.DataParallel over the visible GPUs
+    # one process = one GPU (or one model split over them): never torch.nn.DataParallel over the visible GPUs
+    keep_single_device(args, split_model=cfg.model.quantization_device_map == "auto")
     output_dir = Path(args.output_dir)
     resume = resolve_resume(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     if resume:  # on any number of GPUs, as long as the global batch is the checkpoint's
