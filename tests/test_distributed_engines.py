@@ -37,6 +37,7 @@ def gpu_box(monkeypatch):
     """Pretend to be a 4-GPU machine with DeepSpeed installed (config validation only: nothing runs)."""
     monkeypatch.setattr(distributed, "cuda_device_count", lambda: 4)
     monkeypatch.setattr(distributed, "deepspeed_installed", lambda: True)
+    monkeypatch.setenv("LORAFORGE_HOST_RAM_GIB", "512")  # and a server's RAM (offload is checked against it)
     for name in ("LOCAL_RANK", "WORLD_SIZE", "FORCE_TORCHRUN"):
         monkeypatch.delenv(name, raising=False)
 

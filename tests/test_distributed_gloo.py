@@ -131,6 +131,42 @@ def test_resume_across_the_two_process_run(runs):
     assert state["global_step"] == STEPS
 
 
+def test_checkpoints_record_the_global_batch(runs):
+    state = json.loads((runs["two"] / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["stateful_callbacks"]["GlobalBatch"]["args"] == {"per_device": 2, "accumulation": 1, "processes": 2}
+
+
+def test_two_process_checkpoint_resumes_on_one_process(runs):
+    """Same global batch (1 process x 4 instead of 2 x 2): steps 3-4 repeat the two-process run's losses."""
+    from loraforge.cli import main
+
+    resumed = runs["base"] / "resumed_one"
+    resumed.mkdir()
+    shutil.copytree(runs["two"] / "checkpoint-2", resumed / "checkpoint-2")
+    assert main(["train", str(runs["cfg"]), f"output_dir={resumed}", "per_device_train_batch_size=4",
+                 f"resume_from_checkpoint={resumed / 'checkpoint-2'}", "plot_loss=false"]) == 0
+    full, again = _losses(runs["two"]), _losses(resumed)
+    assert sorted(again) == [3, 4]
+    for step in (3, 4):  # the one- and two-process runs agree to ~1e-3 (reduction order), as above
+        assert again[step] == pytest.approx(full[step], rel=2e-3), (step, full, again)
+
+
+def test_resume_with_another_global_batch_is_refused(runs, capsys):
+    """1 process x 2 per device would skip the wrong samples: refused, with the settings that keep the batch."""
+    from loraforge.cli import main
+
+    resumed = runs["base"] / "resumed_wrong"
+    resumed.mkdir()
+    shutil.copytree(runs["two"] / "checkpoint-2", resumed / "checkpoint-2")
+    code = main(["train", str(runs["cfg"]), f"output_dir={resumed}", "per_device_train_batch_size=2",
+                 f"resume_from_checkpoint={resumed / 'checkpoint-2'}"])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "global batch of 4 (2 per device x 1 accumulation x 2 processes)" in err
+    assert "this run has 2 (2 per device x 1 accumulation x 1 process)" in err
+    assert "per_device_train_batch_size=4 or gradient_accumulation_steps=2" in err
+
+
 def test_ddp_timeout_reaches_the_cpu_process_group(tmp_path):
     """The Trainer does not pass ddp_timeout to a CPU process group; the worker setup does."""
     script = tmp_path / "probe.py"

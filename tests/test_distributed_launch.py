@@ -72,7 +72,7 @@ def test_bad_launch_environment_is_refused(env, expected):
 
 def test_command_reuses_interpreter_and_arguments():
     cmd = LaunchPlan(nproc_per_node=2, master_port=29555).command(["train", "cfg.yaml", "max_steps=3", "--seed", "4"])
-    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert cmd[:3] == [sys.executable, "-m", "loraforge.train.elastic"]  # torchrun, naming a failed rank
     assert "--nproc_per_node=2" in cmd and "--master_port=29555" in cmd and "--nnodes=1" in cmd
     assert cmd[cmd.index("-m", 3):] == ["-m", "loraforge.cli", "train", "cfg.yaml", "max_steps=3", "--seed", "4"]
 

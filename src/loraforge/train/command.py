@@ -41,8 +41,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     relaunched = maybe_relaunch(args.config, args.overrides)
     if relaunched is not None:
         return relaunched
-    cfg = load_config(args.config, args.overrides, purpose="train")
-    return check_finished(run_train(cfg))
+    try:
+        cfg = load_config(args.config, args.overrides, purpose="train")
+        return check_finished(run_train(cfg))
+    except Exception as err:
+        # in a torchrun worker: leave the error where the launcher reads it, to name this rank in one message
+        from .elastic import record_worker_error
+
+        record_worker_error(err)
+        raise
 
 
 def register(sub) -> None:

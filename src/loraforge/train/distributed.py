@@ -77,6 +77,26 @@ def cuda_device_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def keep_single_device(args: Any, *, split_model: bool = False) -> bool:
+    """One process with several GPUs visible trains on one GPU, never in ``torch.nn.DataParallel``; True if changed.
+
+    Outside torchrun, Hugging Face's TrainingArguments counts every visible GPU (``n_gpu``) and the Trainer then
+    wraps the model in DataParallel: a copy of the model on each GPU, a batch of ``per_device x n_gpu`` and a
+    loss averaged another way (measured on 2 GPUs: loss 25.4 instead of 12.7 at step 1, 43 instead of 25 GiB).
+    loraforge runs one process per GPU instead, so a single process (``nproc_per_node: 1``) trains on
+    ``args.device``: the first visible GPU, chosen with CUDA_VISIBLE_DEVICES. ``n_gpu = 1`` is what the Trainer
+    itself sets for a model split over several GPUs (``quantization_device_map: auto``), which stays possible.
+    """
+    if getattr(args, "local_rank", -1) != -1 or args.n_gpu <= 1:  # torchrun workers already own one GPU each
+        return False
+    if not split_model:  # with a model split over the GPUs, every visible GPU is used, by the model itself
+        logger.info("one training process with %d GPUs visible: training on %s only (no DataParallel); use "
+                    "nproc_per_node=%d for DDP, or CUDA_VISIBLE_DEVICES to pick the GPU", args.n_gpu, args.device,
+                    args.n_gpu)
+    args._n_gpu = 1
+    return True
+
+
 def deepspeed_installed() -> bool:
     """True when the `deepspeed` package can be imported (it is an optional extra)."""
     return importlib.util.find_spec("deepspeed") is not None
@@ -333,6 +353,12 @@ def distributed_problems(cfg: "RunConfig", training: Mapping[str, Any], *, envir
     if fsdp_on:
         p += _fsdp_problems(cfg, training, gpus)
     nproc = training.get("nproc_per_node")
+    if ds_on and environment and not p:  # offloaded states must fit in this node's RAM (train/host_memory.py)
+        from .host_memory import offload_host_problem
+
+        problem = offload_host_problem(cfg, nproc if nproc and nproc > 0 else max(gpus or 1, 1))
+        if problem:
+            p.append(problem)
     if nproc is not None and nproc <= 0:
         p.append(f"`nproc_per_node` must be a positive number of processes, got {nproc}")
     elif nproc is not None and gpus and nproc > gpus:

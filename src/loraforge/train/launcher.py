@@ -5,7 +5,8 @@
     NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 loraforge train cfg.yaml   # run on each node
 
 The relaunch runs the same interpreter with the same subcommand, config and overrides
-(``python -m torch.distributed.run ... -m loraforge.cli train CONFIG OVERRIDES``). Inside torchrun nothing is
+(``python -m loraforge.train.elastic ... -m loraforge.cli train CONFIG OVERRIDES``: torchrun, with a failed rank
+reported in one message). Inside torchrun nothing is
 relaunched; the worker quiets the ranks other than 0, starts the gloo group with ``ddp_timeout`` on CPUs, and
 announces FSDP to accelerate the way `accelerate launch` does.
 """
@@ -40,9 +41,13 @@ class LaunchPlan:
     master_port: int = DEFAULT_MULTINODE_PORT
 
     def command(self, cli_args: list[str]) -> list[str]:
-        """The full command line: torchrun through this interpreter, then ``-m loraforge.cli`` and ``cli_args``."""
+        """The full command line: torchrun through this interpreter, then ``-m loraforge.cli`` and ``cli_args``.
+
+        torchrun runs through :mod:`loraforge.train.elastic`, which takes torchrun's own arguments and reports a
+        failed rank in one message instead of torchrun's traceback.
+        """
         return [
-            sys.executable, "-m", "torch.distributed.run",
+            sys.executable, "-m", "loraforge.train.elastic",
             f"--nnodes={self.nnodes}", f"--node_rank={self.node_rank}", f"--nproc_per_node={self.nproc_per_node}",
             f"--master_addr={self.master_addr}", f"--master_port={self.master_port}",
             "-m", "loraforge.cli", *cli_args,

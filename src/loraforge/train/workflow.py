@@ -17,6 +17,8 @@ from ..config import RunConfig
 from ..errors import TrainingError
 from .callbacks import InterruptCallback, JsonlLogCallback, NonFiniteGuard, ProgressBarCallback, ThroughputTracker
 from .checkpoint import FINAL_STAGING, publish, resolve_resume
+from .distributed import keep_single_device
+from .resume_world import GlobalBatch, check_resume
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +98,12 @@ def run_train(cfg: RunConfig, *, extra_callbacks: list | None = None) -> TrainOu
     from .trainer import LoraforgeTrainer
 
     args = cfg.training
+    # one process = one GPU (or one model split over them): never torch.nn.DataParallel over the visible GPUs
+    keep_single_device(args, split_model=cfg.model.quantization_device_map == "auto")
     output_dir = Path(args.output_dir)
     resume = resolve_resume(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+    if resume:  # on any number of GPUs, as long as the global batch is the checkpoint's
+        check_resume(resume, args)
     output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(args.seed)
     _print_estimate(cfg)
@@ -141,7 +147,8 @@ def run_train(cfg: RunConfig, *, extra_callbacks: list | None = None) -> TrainOu
     tracker = ThroughputTracker()
     guard = NonFiniteGuard(cfg.finetuning.max_nonfinite_steps, uses_grad_scaler=bool(args.fp16))
     interrupt = InterruptCallback()
-    callbacks = [ProgressBarCallback(tracker), JsonlLogCallback(str(output_dir), tracker, guard), guard, interrupt]
+    callbacks = [ProgressBarCallback(tracker), JsonlLogCallback(str(output_dir), tracker, guard), guard, interrupt,
+                 GlobalBatch.for_args(args)]  # recorded in each checkpoint, for resuming on another GPU count
     loraplus = None
     if cfg.finetuning.loraplus_lr_ratio:
         loraplus = {"ratio": cfg.finetuning.loraplus_lr_ratio, "embedding_lr": cfg.finetuning.loraplus_lr_embedding}
