@@ -180,3 +180,22 @@ def test_do_predict_after_training_scores_the_eval_set(data_dir, tmp_path, tiny_
     assert {r["label"] for r in rows} <= {row["output"] for row in ROWS}
     results = json.loads((out / "all_results.json").read_text())
     assert "train_loss" in results and "predict_bleu-4" in results and "predict_rouge-l" in results
+
+
+def test_fast_path_trains_the_same_adapter_as_the_standard_path(data_dir, tmp_path, tiny_qwen3_path):
+    """`fast_path: auto` (taken for the tiny Qwen3) and `off` write the same adapter files: the same tensor names
+    and shapes, and after 3 optimizer steps (fp32, CPU) the same values and losses."""
+    from safetensors.torch import load_file
+
+    outs = {}
+    for setting in ("auto", "off"):
+        out = tmp_path / setting
+        outcome = run_train(load_config(_cfg(data_dir, out, max_steps=3, save_steps=100, fast_path=setting)))
+        assert outcome.metrics["train_loss"] > 0
+        outs[setting] = out
+    fast, std = (load_file(str(outs[s] / "adapter_model.safetensors")) for s in ("auto", "off"))
+    assert {k: v.shape for k, v in fast.items()} == {k: v.shape for k, v in std.items()}
+    for name, tensor in std.items():
+        assert (fast[name] - tensor).abs().max() <= 1e-4 * tensor.abs().max(), name
+    for step, loss in _losses(outs["off"]).items():
+        assert _losses(outs["auto"])[step] == pytest.approx(loss, rel=1e-4)
