@@ -174,18 +174,23 @@ class TokenizerTemplate:
         turns: list[Turn] = []
         pos = 0
         for k in range(1, len(conv.messages), 2):
-            before = render(off + k, False)
             gen = render(off + k, True)
-            if not full.startswith(before) or not gen.startswith(before) or len(before) < pos:
-                bad = before if not full.startswith(before) else gen
-                at = _common_prefix(bad, full)
-                raise TemplateError(
-                    f"{where}: the model's chat template is not prefix-stable: the conversation up to message {k} "
-                    f"renders differently from the same messages inside the whole conversation (from character "
-                    f"{at}: {_show(bad, at)} versus {_show(full, at)}), so the trained answers cannot be found",
-                    hint="set `template:` to a named template (`loraforge data --help` lists them) or a template YAML")
+            # When the generation prompt is a prefix of the whole text, what the model sees when it writes this
+            # answer is exactly what precedes it in training. Otherwise the messages before it, rendered without
+            # the generation prompt, must still be a prefix: the difference may only be in the generation prompt.
             start = len(gen) if full.startswith(gen) else None
-            after = render(off + k + 1, False)
+            if start is None:
+                before = render(off + k, False)
+                if not full.startswith(before) or not gen.startswith(before):
+                    bad = before if not full.startswith(before) else gen
+                    at = _common_prefix(bad, full)
+                    raise TemplateError(
+                        f"{where}: the model's chat template is not prefix-stable: the conversation up to message {k} "
+                        f"renders differently from the same messages inside the whole conversation (from character "
+                        f"{at}: {_show(bad, at)} versus {_show(full, at)}), so the trained answers cannot be found",
+                        hint="set `template:` to a named template (`loraforge data --help` lists them) or a "
+                             "template YAML")
+            after = full if off + k + 1 == len(messages) else render(off + k + 1, False)
             end = len(after) if full.startswith(after) else None
             if start is None or end is None:
                 marked = [dict(m) for m in messages]  # answer k's content replaced by the sentinel
@@ -197,6 +202,10 @@ class TokenizerTemplate:
                     start = min(_common_prefix(gen, full), _common_prefix(full, full_marked))
                 if end is None:
                     end = self._history_end(render(off + k + 1, False, marked), after, full, full_marked, k, where)
+            if start < pos:
+                raise TemplateError(f"{where}: the model's chat template is not prefix-stable: the prompt of message "
+                                    f"{k} ends inside the previous answer ({_show(full, start)})",
+                                    hint="set `template:` to a named template or a template YAML")
             if end <= start:
                 raise TemplateError(f"{where}: message {k} (the answer) is empty in the model's own rendering",
                                     hint="check the sample, or set `template:` to a named template")
