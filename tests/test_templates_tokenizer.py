@@ -312,3 +312,36 @@ def test_reasoning_split_of_generated_text(toks):
     template = tokenizer_template(toks["qwen3"])
     assert template.split_reasoning("<think>\nhmm\n</think>\n\nyes") == ("hmm", "yes")
     assert template.split_reasoning("plain") == (None, "plain")
+
+
+# A ChatML template with HF's {% generation %} marks; UNSTABLE also tags whichever user message is last, so
+# prefixes of a conversation render differently from the whole (as Mistral's system prompt does).
+MARKED = ("{%- for m in messages %}{%- if m.role == 'user' %}{{ '<|im_start|>user\\n' + m.content + TAG + "
+          "'<|im_end|>\\n' }}{%- elif m.role == 'assistant' %}{{ '<|im_start|>assistant\\n' }}{% generation %}"
+          "{{ m.content + '<|im_end|>\\n' }}{% endgeneration %}{%- endif %}{%- endfor %}"
+          "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+@pytest.mark.parametrize("options", OPTIONS[:3] + OPTIONS[-2:], ids=lambda o: ",".join(o) or "default")
+def test_generation_marks_give_the_same_spans_as_prefixes(toks, options):
+    tok = toks["qwen2.5"]
+    marked = TokenizerTemplate(MARKED.replace("TAG", "''"))
+    plain = TokenizerTemplate(marked.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", ""))
+    options = {"cutoff_len": 100_000, **options}
+    for case in ("single", "multi_turn", "chinese"):
+        assert marked.encode(ALL[case], tok, **options) == plain.encode(ALL[case], tok, **options)
+
+
+def test_generation_marks_train_a_template_that_is_not_prefix_stable(toks):
+    tok = toks["qwen2.5"]
+    source = MARKED.replace("TAG", "(' [last]' if loop.last else '')")
+    conv = PLAIN["multi_turn"]
+    input_ids, labels = TokenizerTemplate(source).encode(conv, tok, cutoff_len=100_000)
+    messages, _, _ = TokenizerTemplate(source).hf_messages(conv)
+    assert input_ids == ids(tok, tok.apply_chat_template(messages, tokenize=False, chat_template=source))
+    assert spans(tok, input_ids, labels) == ["2+2 = 4.<|im_end|>\n", "12.<|im_end|>\n",
+                                             "You're welcome! 😀<|im_end|>\n"]
+    unmarked = source.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    conv_with_tag = Conversation(conv.messages[:3] + [M("assistant", "12.")])
+    with pytest.raises(TemplateError, match="not prefix-stable"):
+        TokenizerTemplate(unmarked).encode(conv_with_tag, tok, cutoff_len=100_000)

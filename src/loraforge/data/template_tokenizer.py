@@ -15,6 +15,9 @@ token. Which characters of T are answers is found by rendering prefixes of the c
   then the answer ends after its content in T plus the text that closes an answer in F_k (``<|im_end|>\\n``). The
   content is located by rendering once more with the content replaced by a sentinel character.
 
+A template with HF's ``{% generation %}`` marks says itself which text is trained: its marked blocks are the
+answers (one per answer; else prefixes are rendered as above), so even a template that is not prefix-stable works.
+
 Reasoning: a template that reads ``reasoning_content`` gets it there; any other template gets it inline, as
 ``<think>\\n...\\n</think>\\n\\n`` before the answer (what LLaMA-Factory trains). With ``enable_thinking: false`` a
 template that has the switch gets ``enable_thinking=False`` and the reasoning is dropped; ``null`` turns it on
@@ -24,6 +27,7 @@ only for samples that carry reasoning.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +39,9 @@ from .template_spec import ThinkingSpec
 
 logger = logging.getLogger(__name__)
 
+_GENERATION_MARK = re.compile(r"\{%-?\s*generation\s*-?%\}")  # HF's marks of the trained (assistant) text
+# Templates that read the reasoning as a message field; HF fills `thinking` (gpt-oss) from `reasoning_content`.
+_READS_REASONING = re.compile(r"reasoning_content|(?:\.|\[['\"])thinking\b")
 SENTINEL = "\ue000"  # a private-use character: no data or template writes it, so it marks where content sits
 _THINK = ThinkingSpec(mode="inline")
 NAME = "tokenizer"
@@ -95,7 +102,7 @@ class TokenizerTemplate:
         templates (Mistral) refuse calls without one; templates that do not print ids ignore them.
         """
         thinking = self._thinking(conv, enable_thinking)
-        reads_reasoning = "reasoning_content" in self.chat_template
+        reads_reasoning = bool(_READS_REASONING.search(self.chat_template))
         drop = self.supports_thinking and not thinking
         messages: list[dict[str, Any]] = []
         system = conv.system or self.default_system
@@ -171,9 +178,34 @@ class TokenizerTemplate:
                                     "is missing from its rendering): it has no tool format",
                                     hint="drop the tools from these samples, or set `template:` to a template with "
                                          "tools (qwen, qwen3, ...)")
+        spans = self._generation_spans(tokenizer, messages, tools, extra, full, len(conv.messages) // 2) \
+            if _GENERATION_MARK.search(self.chat_template) else None
+        if spans is None:
+            spans = self._prefix_spans(render, full, messages, off, len(conv.messages), where)
         turns: list[Turn] = []
         pos = 0
-        for k in range(1, len(conv.messages), 2):
+        for i, (start, end) in enumerate(spans):
+            k = 2 * i + 1
+            if start < pos:
+                raise TemplateError(f"{where}: the model's chat template is not prefix-stable: the prompt of message "
+                                    f"{k} ends inside the previous answer ({_show(full, start)})",
+                                    hint="set `template:` to a named template or a template YAML")
+            if end <= start:
+                raise TemplateError(f"{where}: message {k} (the answer) is empty in the model's own rendering",
+                                    hint="check the sample, or set `template:` to a named template")
+            _check_written(conv.messages[k], full[start:end], k, where)
+            tail = self._prompt_tail(tokenizer, messages, tools, extra, off + k - 1, render(off + k, True), start,
+                                     where) if with_tails else 0
+            turns.append(Turn(full[pos:start], full[start:end], tail))
+            pos = end
+        if pos < len(full):  # text the template writes after the last answer belongs to that answer
+            turns[-1] = Turn(turns[-1].prompt, turns[-1].answer + full[pos:], turns[-1].tail)
+        return turns
+
+    def _prefix_spans(self, render, full: str, messages, off: int, n: int, where: str) -> list[tuple[int, int]]:
+        """(start, end) of each answer in ``full``, found by rendering prefixes (see the module docstring)."""
+        spans = []
+        for k in range(1, n, 2):
             gen = render(off + k, True)
             # When the generation prompt is a prefix of the whole text, what the model sees when it writes this
             # answer is exactly what precedes it in training. Otherwise the messages before it, rendered without
@@ -202,21 +234,36 @@ class TokenizerTemplate:
                     start = min(_common_prefix(gen, full), _common_prefix(full, full_marked))
                 if end is None:
                     end = self._history_end(render(off + k + 1, False, marked), after, full, full_marked, k, where)
-            if start < pos:
-                raise TemplateError(f"{where}: the model's chat template is not prefix-stable: the prompt of message "
-                                    f"{k} ends inside the previous answer ({_show(full, start)})",
-                                    hint="set `template:` to a named template or a template YAML")
-            if end <= start:
-                raise TemplateError(f"{where}: message {k} (the answer) is empty in the model's own rendering",
-                                    hint="check the sample, or set `template:` to a named template")
-            _check_written(conv.messages[k], full[start:end], k, where)
-            tail = self._prompt_tail(tokenizer, messages, tools, extra, off + k - 1, gen, start, where) \
-                if with_tails else 0
-            turns.append(Turn(full[pos:start], full[start:end], tail))
-            pos = end
-        if pos < len(full):  # text the template writes after the last answer belongs to that answer
-            turns[-1] = Turn(turns[-1].prompt, turns[-1].answer + full[pos:], turns[-1].tail)
-        return turns
+            spans.append((start, end))
+        return spans
+
+    def _generation_spans(self, tokenizer, messages, tools, extra, full: str, n_answers: int
+                          ) -> list[tuple[int, int]] | None:
+        """(start, end) of the template's own ``{% generation %}`` blocks in ``full`` (through the tokenizer's
+        assistant mask); None when they are unusable (slow tokenizer, not one block per answer): then prefixes."""
+        if not getattr(tokenizer, "is_fast", False):
+            return None
+        try:
+            out = tokenizer.apply_chat_template(messages, tools=tools, chat_template=self.chat_template, tokenize=True,
+                                                return_dict=True, return_assistant_tokens_mask=True, **extra)
+        except Exception:  # noqa: BLE001 - any failure here means "use prefix rendering", which reports errors
+            return None
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        if list(enc["input_ids"]) != list(out["input_ids"]):
+            return None
+        spans: list[tuple[int, int]] = []
+        inside = False
+        for marked, (lo, hi) in zip(out["assistant_masks"], enc["offset_mapping"]):
+            if marked and inside:
+                spans[-1] = (spans[-1][0], hi)
+            elif marked:
+                spans.append((lo, hi))
+            inside = bool(marked)
+        if len(spans) != n_answers:
+            logger.debug("the chat template's {%% generation %%} blocks (%d) do not match the %d answers; rendering "
+                         "prefixes instead", len(spans), n_answers)
+            return None
+        return spans
 
     @staticmethod
     def _history_end(after_marked: str, after: str, full: str, full_marked: str, index: int, where: str) -> int:
