@@ -384,27 +384,3 @@ def tokenizer_template(tokenizer: Any, *, default_system: str | None = None,
                             "(a base model?)", hint="set `template:` to a named template (e.g. `default`, `empty`)")
     return TokenizerTemplate(source, default_system=default_system, enable_thinking=enable_thinking)
 
-
-def check_tokenizer_template(template: TokenizerTemplate, tokenizer: Any, *, derived: bool) -> None:
-    """Encode the probe conversations of :mod:`.template_match` with ``template``: raise when a plain single- or
-    multi-turn chat fails, log which kinds of conversation (system prompt, tools) the model's template refuses."""
-    from .template_match import PROBES
-
-    failures: list[tuple[str, str]] = []
-    for probe in PROBES:
-        try:
-            template.encode(probe.conv, tokenizer, cutoff_len=1 << 30)
-        except TemplateError as err:
-            failures.append((probe.name, err.message.removeprefix("conversation: ")))
-    basic = [f for f in failures if f[0] in ("single-turn", "multi-turn")]
-    lead = "`template` is not set, no named template renders like the model's chat template, and " if derived else ""
-    if basic:
-        raise TemplateError(f"{lead}the model's own chat template cannot train a {basic[0][0]} chat: {basic[0][1]}",
-                            hint="set `template:` to a named template (`loraforge data --help` lists them) or a "
-                                 "template YAML (docs/templates.md)")
-    logger.info("template: %susing the model's own chat template (`template: tokenizer`); check what is trained "
-                "with `loraforge data preview CONFIG`", "no named template renders like the model's chat template; "
-                if derived else "")
-    for name, message in failures:
-        logger.warning("template `tokenizer`: the model's chat template cannot train a conversation with a %s: %s",
-                       name, message)
