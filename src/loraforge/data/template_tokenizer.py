@@ -220,8 +220,7 @@ class TokenizerTemplate:
                         f"{where}: the model's chat template is not prefix-stable: the conversation up to message {k} "
                         f"renders differently from the same messages inside the whole conversation (from character "
                         f"{at}: {_show(bad, at)} versus {_show(full, at)}), so the trained answers cannot be found",
-                        hint="set `template:` to a named template (`loraforge data --help` lists them) or a "
-                             "template YAML")
+                        hint="set `template:` to a named template (docs/templates.md lists them) or a template YAML")
             after = full if off + k + 1 == len(messages) else render(off + k + 1, False)
             end = len(after) if full.startswith(after) else None
             if start is None or end is None:

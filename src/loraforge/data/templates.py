@@ -343,7 +343,7 @@ def check_tokenizer_template(template: "TokenizerTemplate", tokenizer: Any, *, d
     lead = "`template` is not set, no named template renders like the model's chat template, and " if derived else ""
     if basic:
         raise TemplateError(f"{lead}the model's own chat template cannot train a {basic[0][0]} chat: {basic[0][1]}",
-                            hint="set `template:` to a named template (`loraforge data --help` lists them) or a "
+                            hint="set `template:` to a named template (docs/templates.md lists them) or a "
                                  "template YAML (docs/templates.md)")
     logger.info("template: %susing the model's own chat template (`template: tokenizer`); check what is trained "
                 "with `loraforge data preview CONFIG`", "no named template renders like the model's chat template; "
