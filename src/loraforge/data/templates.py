@@ -283,7 +283,7 @@ def resolve_template(data_args: Any, tokenizer: Any) -> "Template | TokenizerTem
     prompt_template = getattr(data_args, "prompt_template", None)
     name = getattr(data_args, "template", None)
     if name in TEMPLATE_ALIASES:
-        logger.info("template: `%s` (LLaMA-Factory's name) is loraforge's `%s`", name, TEMPLATE_ALIASES[name])
+        logger.info("template: `%s` is loraforge's `%s`", name, TEMPLATE_ALIASES[name])
         name = TEMPLATE_ALIASES[name]
     if not prompt_template and name == TOKENIZER_KIND:
         return _tokenizer_kind(data_args, tokenizer, derived=False)
@@ -343,11 +343,10 @@ def check_tokenizer_template(template: "TokenizerTemplate", tokenizer: Any, *, d
     lead = "`template` is not set, no named template renders like the model's chat template, and " if derived else ""
     if basic:
         raise TemplateError(f"{lead}the model's own chat template cannot train a {basic[0][0]} chat: {basic[0][1]}",
-                            hint="set `template:` to a named template (docs/templates.md lists them) or a "
-                                 "template YAML (docs/templates.md)")
+                            hint="set `template:` to a named template or a template YAML (docs/templates.md)")
     logger.info("template: %susing the model's own chat template (`template: tokenizer`); check what is trained "
-                "with `loraforge data preview CONFIG`", "no named template renders like the model's chat template; "
-                if derived else "")
+                "with `loraforge data preview CONFIG`, override with `template: NAME`",
+                "no named template renders like the model's chat template; " if derived else "")
     for name, message in failures:
         logger.warning("template `tokenizer`: the model's chat template cannot train a conversation with a %s: %s",
                        name, message)
