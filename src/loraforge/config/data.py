@@ -12,7 +12,8 @@ from ._field import arg
 class DataArguments:
     template: Optional[str] = arg(
         None, "Chat template name (qwen, qwen3, qwen3_nothink, chatml, llama3, mistral, gemma, alpaca, default, "
-        "empty, ...), a path to a template YAML, or unset to derive it from the tokenizer's chat template.")
+        "empty, ...; LLaMA-Factory's names too), `tokenizer` (the model's own chat template), a path to a template "
+        "YAML, or unset: the named template that renders like the model's own, else `tokenizer`.")
     prompt_template: Optional[str] = arg(
         None, "Plain-text prompt template: a format string with {instruction}, {question}, {reasoning}, {answer} "
         "(and {eos_token}) placeholders, or a path to a .txt file holding one. Replaces `template`.")

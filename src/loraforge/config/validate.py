@@ -22,10 +22,10 @@ SUPPORTED_STAGES = ("sft", "pt")
 
 def _known_template(name: str) -> tuple[bool, list[str]]:
     try:
-        from ..data.templates import template_names
+        from ..data.templates import known_template_names
     except ImportError:  # the data package is not importable: leave the check to run time
         return True, []
-    names = list(template_names())
+    names = known_template_names()
     return name in names, names
 
 

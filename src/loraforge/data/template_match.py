@@ -132,7 +132,7 @@ def derive_template(tokenizer: Any):
         detail = f" (closest: {closest[0][1]})" if closest else ""
         raise TemplateError(f"`template` is not set and the tokenizer's chat template matches none of the known "
                             f"templates{detail}",
-                            hint="set `template:` to a known name (`loraforge data --help` lists them), a template "
+                            hint="set `template:` to a known name (docs/templates.md lists them), a template "
                                  "YAML file, or a `prompt_template`")
     logger.info("template: using `%s`, which renders like the tokenizer's chat template", best.name)
     return best.spec

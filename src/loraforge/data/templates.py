@@ -29,6 +29,8 @@ from .render import split_reasoning as _split_reasoning
 from .template_encode import build_example, tokenize_many, tokenize_turns
 from .template_jinja import build_jinja
 from .template_spec import TemplateSpec, ToolSpec, parse_spec, parse_tool_spec
+from .template_tokenizer import NAME as TOKENIZER_KIND
+from .template_tokenizer import TokenizerTemplate
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +229,8 @@ def get_template(name: str) -> Template:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=1, cutoff=0.5)
         hint = f"did you mean `{close[0]}`? " if close else ""
         raise TemplateError(f"unknown template `{name}`",
-                            hint=f"{hint}known templates: {', '.join(_REGISTRY)}; or a path to a template YAML")
+                            hint=f"{hint}known templates: {', '.join(_REGISTRY)}; `tokenizer` (the model's own chat "
+                                 "template); or a path to a template YAML")
     return Template(_REGISTRY[name])
 
 
@@ -253,15 +256,37 @@ def _with_tool_format(spec: TemplateSpec, tool_format: str | None) -> TemplateSp
     return dataclasses.replace(spec, tools=styles[tool_format])
 
 
-def resolve_template(data_args: Any, tokenizer: Any) -> Template:
-    """The template a run uses: ``prompt_template``, else ``template`` (a name or a YAML path), else the one
-    whose rendering matches ``tokenizer.chat_template``. Warns (logging) when an explicitly chosen template
-    renders differently from the model's own chat template."""
+# LLaMA-Factory's names for the families loraforge has reference chat templates for, where they differ from
+# loraforge's own names (`qwen`, `qwen3`, `qwen3_nothink`, `llama3`, `gemma`, `smollm2` are the same in both).
+# Each maps to the named template that renders like that family, or to `tokenizer` (the model's own template).
+TEMPLATE_ALIASES = {
+    "ministral": "mistral",  # LLaMA-Factory's Mistral v3 "tekken" layout = Mistral Nemo
+    "gemma2": "gemma",
+    "smollm3": TOKENIZER_KIND,  # SmolLM3's system block depends on the thinking mode: no named template
+    "qwq": TOKENIZER_KIND,  # QwQ's generation prompt opens the think block: no named template
+}
+
+
+def known_template_names() -> list[str]:
+    """Every name `template:` accepts: the registered templates, `tokenizer`, and LLaMA-Factory's aliases."""
+    return template_names() + [TOKENIZER_KIND] + list(TEMPLATE_ALIASES)
+
+
+def resolve_template(data_args: Any, tokenizer: Any) -> "Template | TokenizerTemplate":
+    """The template a run uses: ``prompt_template``, else ``template`` (a name, an alias, `tokenizer`, or a YAML
+    path), else the named template whose rendering matches ``tokenizer.chat_template``, else the model's own chat
+    template (`tokenizer`). Logs which one was chosen when it was derived, and warns when an explicitly chosen
+    template renders differently from the model's own chat template."""
     from .prompt_template import prompt_template_spec
     from .template_match import derive_template, describe_mismatch
 
     prompt_template = getattr(data_args, "prompt_template", None)
     name = getattr(data_args, "template", None)
+    if name in TEMPLATE_ALIASES:
+        logger.info("template: `%s` is loraforge's `%s`", name, TEMPLATE_ALIASES[name])
+        name = TEMPLATE_ALIASES[name]
+    if not prompt_template and name == TOKENIZER_KIND:
+        return _tokenizer_kind(data_args, tokenizer, derived=False)
     if prompt_template:
         spec = prompt_template_spec(prompt_template)
         if getattr(tokenizer, "chat_template", None):
@@ -272,7 +297,11 @@ def resolve_template(data_args: Any, tokenizer: Any) -> Template:
                                                         and Path(name).expanduser().is_file())
         spec = load_template_file(name).spec if is_path else get_template(name).spec
     else:
-        spec = derive_template(tokenizer)
+        try:
+            spec = derive_template(tokenizer)
+        except TemplateError as err:
+            logger.info("template: %s", err.message)
+            return _tokenizer_kind(data_args, tokenizer, derived=True)
     template = Template(
         _with_tool_format(spec, getattr(data_args, "tool_format", None)),
         default_system=getattr(data_args, "default_system", None),
@@ -281,5 +310,43 @@ def resolve_template(data_args: Any, tokenizer: Any) -> Template:
     if name and not prompt_template:
         problem = describe_mismatch(Template(spec), tokenizer)
         if problem:
-            logger.warning("template `%s` does not match the model's own chat template: %s", spec.name, problem)
+            logger.warning("template `%s` does not match the model's own chat template: %s (unset `template` or "
+                           "set `template: tokenizer` to train with the model's own)", spec.name, problem)
     return template
+
+
+def _tokenizer_kind(data_args: Any, tokenizer: Any, *, derived: bool) -> "TokenizerTemplate":
+    """The `tokenizer` template, checked on probe conversations; says what it cannot render."""
+    from .template_tokenizer import tokenizer_template
+
+    for key in ("tool_format", "keep_reasoning_history"):
+        if getattr(data_args, key, None):
+            logger.warning("`%s` is ignored with `template: tokenizer`: the model's own chat template decides", key)
+    template = tokenizer_template(tokenizer, default_system=getattr(data_args, "default_system", None),
+                                  enable_thinking=getattr(data_args, "enable_thinking", True))
+    check_tokenizer_template(template, tokenizer, derived=derived)
+    return template
+
+
+def check_tokenizer_template(template: "TokenizerTemplate", tokenizer: Any, *, derived: bool) -> None:
+    """Encode the probe conversations of :mod:`.template_match` with ``template``: raise when a plain single- or
+    multi-turn chat fails, log which kinds of conversation (system prompt, tools) the model's template refuses."""
+    from .template_match import PROBES
+
+    failures: list[tuple[str, str]] = []
+    for probe in PROBES:
+        try:
+            template.encode(probe.conv, tokenizer, cutoff_len=1 << 30)
+        except TemplateError as err:
+            failures.append((probe.name, err.message.removeprefix("conversation: ")))
+    basic = [f for f in failures if f[0] in ("single-turn", "multi-turn")]
+    lead = "`template` is not set, no named template renders like the model's chat template, and " if derived else ""
+    if basic:
+        raise TemplateError(f"{lead}the model's own chat template cannot train a {basic[0][0]} chat: {basic[0][1]}",
+                            hint="set `template:` to a named template or a template YAML (docs/templates.md)")
+    logger.info("template: %susing the model's own chat template (`template: tokenizer`); check what is trained "
+                "with `loraforge data preview CONFIG`, override with `template: NAME`",
+                "no named template renders like the model's chat template; " if derived else "")
+    for name, message in failures:
+        logger.warning("template `tokenizer`: the model's chat template cannot train a conversation with a %s: %s",
+                       name, message)

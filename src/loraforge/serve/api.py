@@ -9,11 +9,13 @@ concurrent requests wait their turn and never mix their outputs.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import logging
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -170,7 +172,7 @@ def create_app(engine: ChatEngine, *, api_key: str | None = None, defaults: Samp
             given = header[7:].strip() if header.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(given.encode(), api_key.encode()):
                 err = APIError(401, "Incorrect API key provided. Send `Authorization: Bearer <key>` with the key "
-                               "given to `loraforge api --api-key` (or LORAFORGE_API_KEY).", code="invalid_api_key")
+                               "given to `loraforge api --api-key` (or API_KEY / LORAFORGE_API_KEY).", code="invalid_api_key")
                 return JSONResponse(err.body(), status_code=401)
         return await call_next(request)
 
@@ -265,3 +267,57 @@ def serve(engine: ChatEngine, *, host: str = "127.0.0.1", port: int = 8000, api_
     auth = "bearer key required" if api_key else "no API key (anyone who can reach the port may use it)"
     print(f"loraforge api: serving {engine.model_id} at http://{host}:{port}/v1 ({auth})", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Where and how `loraforge api` listens; see :func:`server_settings`."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    model_name: str | None = None
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to a public address
+
+
+def server_settings(*, host: str | None = None, port: int | None = None, api_key: str | None = None,
+                    model_name: str | None = None, environ: Mapping[str, str]) -> ServerSettings:
+    """The server's settings: command-line flags first, then LLaMA-Factory's environment variables (API_HOST,
+    API_PORT, API_KEY, API_MODEL_NAME; LORAFORGE_API_KEY too), then the defaults (127.0.0.1:8000, no key).
+
+    Raises :class:`~loraforge.errors.ConfigError` for a port that is not a number; warns (logging) when the
+    server would be reachable from other machines without a key.
+    """
+    from ..errors import ConfigError
+
+    def env(name: str) -> str | None:
+        value = environ.get(name, "").strip()
+        return value or None
+
+    host_from = "--host" if host else "API_HOST" if env("API_HOST") else None
+    host = host or env("API_HOST") or "127.0.0.1"
+    if port is None and env("API_PORT"):
+        try:
+            port = int(env("API_PORT"))
+        except ValueError:
+            raise ConfigError([f"the environment variable API_PORT={env('API_PORT')!r} is not a port number; "
+                               "set it to e.g. 8000, or pass --port"]) from None
+    port = 8000 if port is None else port
+    if not 0 < port < 65536:
+        raise ConfigError([f"port {port} is out of range; use 1-65535 (--port or API_PORT)"])
+    api_key = api_key or env("LORAFORGE_API_KEY") or env("API_KEY")
+    model_name = model_name or env("API_MODEL_NAME")
+    if host_from and not api_key and not is_loopback(host):
+        logger.warning("%s=%s exposes the server to other machines and no API key is set: anyone who can reach "
+                       "port %d can use the model. Set API_KEY (or --api-key) to require one.",
+                       host_from, host, port)
+    return ServerSettings(host=host, port=port, api_key=api_key, model_name=model_name)

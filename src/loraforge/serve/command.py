@@ -32,15 +32,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    from .api import serve
+    from .api import serve, server_settings
     from .engine import SamplingParams, build_engine
 
+    settings = server_settings(host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
+                               environ=os.environ)  # before loading the model: a bad API_PORT fails fast
     cfg = _load(args, "api")
-    engine = build_engine(cfg, model_id=args.model_name)
+    engine = build_engine(cfg, model_id=settings.model_name)
     if _thinking(args) is not None:
         engine.enable_thinking = bool(_thinking(args))
-    api_key = args.api_key or os.environ.get("LORAFORGE_API_KEY") or None
-    serve(engine, host=args.host, port=args.port, api_key=api_key,
+    serve(engine, host=settings.host, port=settings.port, api_key=settings.api_key,
           defaults=SamplingParams.from_config(cfg.generation))
     return 0
 
@@ -63,14 +64,15 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("api", help="Serve an OpenAI-compatible API (/v1/chat/completions, /v1/models).",
-                       description="OpenAI-compatible HTTP server. Binds 127.0.0.1 unless --host says otherwise. "
-                       + OVERRIDES_HELP)
+                       description="OpenAI-compatible HTTP server. Binds 127.0.0.1 unless --host (or API_HOST) "
+                       "says otherwise. LLaMA-Factory's environment variables API_HOST, API_PORT, API_KEY and "
+                       "API_MODEL_NAME are read too; flags win. " + OVERRIDES_HELP)
     _common(p)
-    p.add_argument("--host", default="127.0.0.1", help="Address to bind (default 127.0.0.1: this machine only; "
-                   "0.0.0.0 exposes the server to the network, so set an API key).")
-    p.add_argument("--port", type=int, default=8000, help="Port to listen on (default 8000).")
+    p.add_argument("--host", default=None, help="Address to bind (default: API_HOST, else 127.0.0.1: this "
+                   "machine only; 0.0.0.0 exposes the server to the network, so set an API key).")
+    p.add_argument("--port", type=int, default=None, help="Port to listen on (default: API_PORT, else 8000).")
     p.add_argument("--api-key", default=None, help="Require `Authorization: Bearer KEY` (default: the "
-                   "LORAFORGE_API_KEY environment variable; none means no key is needed).")
-    p.add_argument("--model-name", default=None, help="Model id reported by /v1/models (default: the model "
-                   "folder name, plus the adapter's).")
+                   "LORAFORGE_API_KEY or API_KEY environment variable; none means no key is needed).")
+    p.add_argument("--model-name", default=None, help="Model id reported by /v1/models (default: API_MODEL_NAME, "
+                   "else the model folder name, plus the adapter's).")
     p.set_defaults(func=cmd_api)

@@ -36,8 +36,13 @@ class _KeyHelpAction(argparse.Action):
 def cmd_train(args: argparse.Namespace) -> int:
     from ..config import load_config
     from .launcher import maybe_relaunch
-    from .workflow import check_finished, run_train
+    from .workflow import check_finished, predict_only, run_train
 
+    if predict_only(args.config, args.overrides):  # LLaMA-Factory's `train predict.yaml`: same as `loraforge predict`
+        from ..evaluate.command import cmd_predict
+
+        print("do_predict without training: running `loraforge predict` on the eval set")
+        return cmd_predict(args)
     relaunched = maybe_relaunch(args.config, args.overrides)
     if relaunched is not None:
         return relaunched
@@ -56,7 +61,13 @@ def register(sub) -> None:
     p = sub.add_parser(
         "train", add_help=False,
         help="Fine-tune a model (LoRA, QLoRA, freeze, full) from a LLaMA-Factory-style YAML.",
-        description="Fine-tune from CONFIG; any key can be overridden with key=value or --key value.",
+        description="Fine-tune from CONFIG; any key can be overridden with key=value or --key value. "
+                    "Chat template: `template: NAME` (a loraforge or LLaMA-Factory name), `template: tokenizer` (the "
+                    "model's own Jinja chat template), or unset: the named template that renders exactly like the "
+                    "model's own, else the model's own; the log says which. Check what is trained with "
+                    "`loraforge data preview CONFIG` (docs/templates.md). "
+                    "`do_predict: true` with `do_train: false` (or no `dataset`) runs `loraforge predict` instead, "
+                    "as LLaMA-Factory's predict configs expect.",
         epilog="example: loraforge train examples/quickstart.yaml max_steps=20 learning_rate=2e-4",
     )
     p.add_argument("-h", "--help", action=_KeyHelpAction, help="show this help and every config key")

@@ -211,6 +211,26 @@ def run_train(cfg: RunConfig, *, extra_callbacks: list | None = None) -> TrainOu
     return TrainOutcome(output_dir, metrics)
 
 
+def _flag(value) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    return str(value).strip().lower() in ("true", "1", "yes", "on")
+
+
+def predict_only(config: str | None, overrides: list[str] | None) -> bool:
+    """True when CONFIG asks `train` for predictions only, the way LLaMA-Factory runs evaluation
+    (``llamafactory-cli train predict.yaml``): ``do_predict: true`` with ``do_train: false``, or with ``do_train``
+    unset and no ``dataset`` (HF's ``do_train`` defaults to false there; loraforge's to true when there is data)."""
+    from ..config.parser import parse_overrides, read_yaml
+
+    raw = read_yaml(config) if config else {}
+    raw.update(parse_overrides(overrides))
+    if not _flag(raw.get("do_predict")):
+        return False
+    do_train = _flag(raw.get("do_train"))
+    return do_train is False or (do_train is None and not raw.get("dataset"))
+
+
 def check_finished(outcome: TrainOutcome) -> int:
     """Exit code for the CLI: 0 when finished, 130 when interrupted (checkpoint saved)."""
     from .distributed import rank_info
