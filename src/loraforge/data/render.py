@@ -103,8 +103,9 @@ def parse_calls(content: str, source: str) -> list[tuple[str, Any]]:
     return out
 
 
-def _check_roles(spec: TemplateSpec, conv: Conversation, for_generation: bool) -> None:
-    where = conv.source or "conversation"
+def check_turns(conv: Conversation, where: str, for_generation: bool) -> None:
+    """Prompts and answers alternate, starting with a prompt; a training example ends with an answer and a
+    generation prompt with a prompt. Shared by the named templates and the `tokenizer` kind."""
     msgs = conv.messages
     if not msgs:
         raise TemplateError(f"{where}: the conversation has no messages")
@@ -113,10 +114,6 @@ def _check_roles(spec: TemplateSpec, conv: Conversation, for_generation: bool) -
         if msg.role not in want:
             raise TemplateError(f"{where}: message {i} has role `{msg.role}` where {' or '.join(want)} was "
                                 "expected (prompts and answers must alternate, starting with a prompt)")
-        if msg.role in ("function", "observation") and spec.tools is None:
-            raise TemplateError(f"{where}: message {i} is a tool {'call' if msg.role == 'function' else 'result'}"
-                                f", but template `{spec.name}` has no tool format",
-                                hint="use a template with tools (qwen, qwen3, qwen3_nothink) or set `tool_format`")
     last_is_prompt = msgs[-1].role in PROMPT_ROLES
     if for_generation and not last_is_prompt:
         raise TemplateError(f"{where}: a generation prompt must end with a user or observation message, "
@@ -124,6 +121,19 @@ def _check_roles(spec: TemplateSpec, conv: Conversation, for_generation: bool) -
     if not for_generation and last_is_prompt:
         raise TemplateError(f"{where}: the conversation ends with `{msgs[-1].role}`; a training example must "
                             "end with an assistant (or function) answer")
+
+
+def _check_roles(spec: TemplateSpec, conv: Conversation, for_generation: bool) -> None:
+    where = conv.source or "conversation"
+    check_turns(conv, where, for_generation)
+    if spec.tools is None:
+        for i, msg in enumerate(conv.messages):
+            if msg.role in ("function", "observation"):
+                raise TemplateError(f"{where}: message {i} is a tool "
+                                    f"{'call' if msg.role == 'function' else 'result'}, but template "
+                                    f"`{spec.name}` has no tool format",
+                                    hint="use a template with tools (qwen, qwen3, qwen3_nothink) or set "
+                                    "`tool_format`")
 
 
 def system_text(spec: TemplateSpec, conv: Conversation, opts: RenderOptions) -> str:

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import TemplateError
-from .conversation import ANSWER_ROLES, PROMPT_ROLES, Conversation, Message
-from .render import Turn, parse_calls, parse_tools, split_reasoning
+from .conversation import Conversation, Message
+from .render import Turn, check_turns, parse_calls, parse_tools, split_reasoning
 from .template_encode import build_example, tokenize_turns
 from .template_spec import ThinkingSpec
 
@@ -161,7 +161,7 @@ class TokenizerTemplate:
                for_generation: bool = False, with_tails: bool = False) -> list[Turn]:
         """The conversation as (prompt, answer) text turns whose concatenation is the model's own rendering."""
         where = conv.source or "conversation"
-        _check_roles(conv, where, for_generation)
+        check_turns(conv, where, for_generation)
         messages, tools, extra = self.hf_messages(conv, enable_thinking=enable_thinking)
         if for_generation:
             return [Turn(self._render(tokenizer, messages, tools, extra, generation=True, where=where), None)]
@@ -290,7 +290,7 @@ class TokenizerTemplate:
                     for_generation: bool = False) -> str:
         """The conversation as one string, exactly ``apply_chat_template(..., tokenize=False)``."""
         where = conv.source or "conversation"
-        _check_roles(conv, where, for_generation)
+        check_turns(conv, where, for_generation)
         messages, tools, extra = self.hf_messages(conv, enable_thinking=enable_thinking)
         return self._render(tokenizer, messages, tools, extra, generation=for_generation, where=where)
 
@@ -355,21 +355,6 @@ def _check_written(msg: Message, answer: str, index: int, where: str) -> None:
         raise TemplateError(f"{where}: the model's chat template does not write {what} of message {index} where "
                             f"the answer goes (its span is {answer[:80]!r})",
                             hint="set `template:` to a named template or a template YAML that renders it")
-
-
-def _check_roles(conv: Conversation, where: str, for_generation: bool) -> None:
-    msgs = conv.messages
-    if not msgs:
-        raise TemplateError(f"{where}: the conversation has no messages")
-    for i, msg in enumerate(msgs):
-        want = PROMPT_ROLES if i % 2 == 0 else ANSWER_ROLES
-        if msg.role not in want:
-            raise TemplateError(f"{where}: message {i} has role `{msg.role}` where {' or '.join(want)} was expected "
-                                "(prompts and answers must alternate, starting with a prompt)")
-    if for_generation != (msgs[-1].role in PROMPT_ROLES):
-        raise TemplateError(f"{where}: the conversation ends with `{msgs[-1].role}`; "
-                            + ("a generation prompt must end with a user or tool message" if for_generation
-                               else "a training example must end with an assistant (or function) answer"))
 
 
 def tokenizer_template(tokenizer: Any, *, default_system: str | None = None,
