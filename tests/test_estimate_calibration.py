@@ -64,3 +64,36 @@ def test_loraforge_qlora_preparation_matches_the_calibrated_setup():
     norm_dtype = model.model.layers[0].input_layernorm.weight.dtype
     assert norms_fp32(Scenario(arch=BUILTIN_ARCHITECTURES["qwen3-0.6b"], method="qlora-4")) == (
         norm_dtype == torch.float32)
+
+
+def test_fast_path_estimates_hold_to_the_measured_peaks():
+    """The fast path's constants against the peaks measured on an H200 (benchmarks/results/
+    memory_calibration_fast.json): every row within +/-10%."""
+    import json
+    from pathlib import Path
+
+    from loraforge.estimate.architectures import BUILTIN_ARCHITECTURES
+    from loraforge.estimate.model import GIB, estimate_memory
+    from loraforge.estimate.scenario import Scenario
+
+    table = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "memory_calibration_fast.json"
+    rows = json.loads(table.read_text(encoding="utf-8"))["rows"]
+    assert len(rows) >= 3
+    for r in rows:
+        s = Scenario(arch=BUILTIN_ARCHITECTURES[r["model"]], method=r["method"], lora_rank=r["lora_rank"],
+                     batch_size=r["batch_size"], seq_len=r["seq_len"], optim=r["optim"], precision=r["precision"],
+                     gradient_checkpointing=r["gradient_checkpointing"], fast_path=True)
+        predicted = estimate_memory(s).allocated / GIB
+        assert abs(predicted / r["peak_allocated_gib"] - 1) <= 0.10, (r, round(predicted, 2))
+
+
+def test_estimate_follows_the_fast_path_setting():
+    from loraforge.config import load_config
+    from loraforge.estimate.scenario import scenario_from_config
+
+    base = {"model_name_or_path": "qwen3-8b", "quantization_bit": 4, "cutoff_len": 2048, "bf16": True}
+    assert scenario_from_config(load_config(base, [], purpose="estimate", build_training_args=False)).fast_path
+    off = load_config({**base, "fast_path": "off"}, [], purpose="estimate", build_training_args=False)
+    assert not scenario_from_config(off).fast_path
+    dora = load_config({**base, "use_dora": True}, [], purpose="estimate", build_training_args=False)
+    assert not scenario_from_config(dora).fast_path

@@ -20,6 +20,9 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 def test_flags_verdict_and_suggestions(capsys):
     code, out, _ = run(capsys, "--model", "qwen3-8b", "--method", "qlora-4", "--batch-size", "4",
                        "--seq-len", "2048", "--gpu", "T4")
+    assert code == 0 and "FITS on T4" in out and "fast path" in out  # 8.15 GiB measured on the fast path
+    code, out, _ = run(capsys, "fast_path=off", "--model", "qwen3-8b", "--method", "qlora-4", "--batch-size", "4",
+                       "--seq-len", "2048", "--gpu", "T4")
     assert code == 0
     assert "DOES NOT FIT on T4" in out and "cheapest changes that fit" in out
     for part in ("weights", "adapter", "gradients", "optimizer states", "activations", "logits / loss",
@@ -30,7 +33,7 @@ def test_flags_verdict_and_suggestions(capsys):
 
 
 def test_json_output(capsys):
-    code, out, _ = run(capsys, "--model", "qwen3-0.6b", "--method", "lora", "--lora-rank", "16",
+    code, out, _ = run(capsys, "fast_path=off", "--model", "qwen3-0.6b", "--method", "lora", "--lora-rank", "16",
                        "--batch-size", "4", "--seq-len", "2048", "--gradient-checkpointing", "off",
                        "--gpu-mem", "24", "--json")
     assert code == 0
@@ -104,7 +107,7 @@ def test_estimate_for_config_used_by_train():
 
     raw = {"model_name_or_path": "qwen3-8b", "finetuning_type": "lora", "quantization_bit": 4,
            "per_device_train_batch_size": 4, "cutoff_len": 2048, "bf16": True, "dataset": "x"}
-    cfg = load_config(raw, purpose="train", build_training_args=False)
+    cfg = load_config({**raw, "fast_path": "off"}, purpose="train", build_training_args=False)
     est = estimate_for_config(cfg, gpu="T4")
     assert est.fits is False and est.suggestions
     lines = est.summary_lines()

@@ -296,3 +296,15 @@ def test_offloaded_checkpointing_on_gpu_equals_standard():
         assert abs(got.item() - ref.item()) <= 1e-3 * abs(ref.item())
         for name, grad in lora_grads(std).items():
             assert _close(lora_grads(fast_model)[name], grad, rel=1e-3), name
+
+
+def test_yaml_off_is_the_setting_off(tmp_path):
+    """YAML 1.1 reads a bare `fast_path: off` as false; it means the setting `off`."""
+    from loraforge.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model_name_or_path: tiny-random-qwen3\nfast_path: off\n", encoding="utf-8")
+    cfg = load_config(str(path), [], purpose="estimate", build_training_args=False)
+    assert cfg.finetuning.fast_path == "off"
+    assert load_config(str(path), ["fast_path=on"], purpose="estimate",
+                       build_training_args=False).finetuning.fast_path == "on"

@@ -212,12 +212,14 @@ def load_config(
         explicit[key] = value
         for group, f, tp in table[key]:
             default = f.default if f.default is not dataclasses.MISSING else None
+            choices = f.metadata.get("choices") if f.metadata else None
+            if isinstance(value, bool) and choices and {"on", "off"} <= set(choices):
+                value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
             try:
                 converted = coerce(value, tp, nullable=field_type_nullable(tp, default))
             except CoercionError as err:
                 problems.append(f"`{key}` ({where}): {err}")
                 break
-            choices = f.metadata.get("choices") if f.metadata else None
             if choices and converted is not None and converted not in choices:
                 lowered = converted.lower() if isinstance(converted, str) else converted
                 if lowered in choices:

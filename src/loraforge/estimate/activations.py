@@ -47,7 +47,7 @@ def norms_fp32(s: Scenario) -> bool:
     """Norm weights in fp32: QLoRA (loraforge's loader upcasts them) or ``upcast_layernorm``."""
     if s.upcast_norms is not None:
         return s.upcast_norms
-    return s.quant_bits is not None
+    return s.quant_bits is not None and not s.fast_path
 
 
 def regime(s: Scenario, *, trainable_layer: bool) -> Regime:
@@ -120,6 +120,19 @@ def block_bytes_per_token(s: Scenario, *, trainable_layer: bool) -> float:
     if quant and s.quant_bits == 8:
         saved += int8_held_inputs(s, r) - sum(dims[k] * dtypes[k] for k in shared)
     return float(saved)
+
+
+def fast_block_bytes_per_token(s: Scenario) -> float:
+    """Saved tensors of one decoder block on loraforge's fast path, without checkpointing (bytes per token).
+
+    Per block: the two RMSNorm inputs and outputs (the outputs are the LoRA projections' shared inputs),
+    q and k before their norms (Qwen3), the attention's q, K/V (repeated to the query heads: PyTorch's varlen
+    kernel takes no GQA before 2.12) and output, SwiGLU's two inputs and its output, and each projection's
+    rank-r product. All 16-bit."""
+    a, c = s.arch, 2.0
+    h, q, kv, i, r = a.hidden_size, a.q_dim, a.kv_dim, a.intermediate_size, s.lora_rank
+    saved = 4 * h + (q + kv if a.qk_norm else 0) + 4 * q + 3 * i + len(s.lora_targets) * r
+    return c * saved
 
 
 def checkpoint_bytes_per_token(s: Scenario, *, trainable_layer: bool) -> float:

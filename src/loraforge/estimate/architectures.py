@@ -33,6 +33,7 @@ class Architecture:
     qkv_bias: bool = False
     qk_norm: bool = False
     source: str = "built-in"
+    model_type: str = ""  # the transformers family (decides whether loraforge's fast path covers it)
 
     @property
     def q_dim(self) -> int:
@@ -89,15 +90,15 @@ class Architecture:
 
 
 def _qwen3(name: str, h: int, i: int, layers: int, heads: int, tied: bool) -> Architecture:
-    return Architecture(name, 151936, h, i, layers, heads, 8, 128, tied, qk_norm=True)
+    return Architecture(name, 151936, h, i, layers, heads, 8, 128, tied, qk_norm=True, model_type="qwen3")
 
 
 def _qwen25(name: str, vocab: int, h: int, i: int, layers: int, heads: int, kv: int, tied: bool) -> Architecture:
-    return Architecture(name, vocab, h, i, layers, heads, kv, h // heads, tied, qkv_bias=True)
+    return Architecture(name, vocab, h, i, layers, heads, kv, h // heads, tied, qkv_bias=True, model_type="qwen2")
 
 
 def _llama3(name: str, h: int, i: int, layers: int, heads: int, head_dim: int, tied: bool) -> Architecture:
-    return Architecture(name, 128256, h, i, layers, heads, 8, head_dim, tied)
+    return Architecture(name, 128256, h, i, layers, heads, 8, head_dim, tied, model_type="llama")
 
 
 # Shapes as published in each model's config.json on the Hugging Face hub.
@@ -167,7 +168,7 @@ def architecture_from_config(config: dict[str, Any], *, name: str, source: str) 
         head_dim=int(config.get("head_dim") or config["hidden_size"] // heads),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         qkv_bias=bool(config.get("attention_bias", model_type == "qwen2")),
-        qk_norm=model_type.startswith("qwen3"), source=source)
+        qk_norm=model_type.startswith("qwen3"), source=source, model_type=model_type)
 
 
 def _read_config_file(path: Path, name: str) -> Architecture:

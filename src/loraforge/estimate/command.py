@@ -118,7 +118,7 @@ def build_from_args(args: argparse.Namespace):
         stage = args.zero if args.zero is not None else scenario.zero_stage
         scenario = replace(scenario, zero_stage=stage, offload_optimizer=args.offload_optimizer or (
             scenario.offload_optimizer and stage > 0), offload_params=args.offload_params or (
-            scenario.offload_params and stage == 3))
+            scenario.offload_params and stage == 3), fast_path=scenario.fast_path and stage == 0)
     if gpu is None and cfg.model.estimate_gpu:
         gpu = find_gpu(cfg.model.estimate_gpu)
     if gpu is None:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .activations import block_bytes_per_token, checkpoint_bytes_per_token, norms_fp32, regime, uses_deepspeed
+from .activations import (
+    block_bytes_per_token, checkpoint_bytes_per_token, fast_block_bytes_per_token, norms_fp32, regime, uses_deepspeed,
+)
 from .scenario import Scenario, optimizer_spec
 
 GIB = 2**30
@@ -31,6 +33,9 @@ ALLOCATOR_MARGIN = 0.05  # fragmentation head-room asked on top of the peak allo
 HOST_PER_PROCESS = 3.0 * GIB  # Python, torch + CUDA libraries, tokenizer and dataset of one training process
 HOST_LOAD_SHARD = 5.0 * GIB  # from_pretrained materialises at most one checkpoint shard at a time
 NF4_BYTES = 0.5  # two 4-bit values per byte
+# fast path (fitted to benchmarks/results/memory_calibration_fast.json, H200)
+FAST_LOSS_CHUNK = 512 * MIB  # one chunk of 16-bit logits turned into their gradient in place, plus its GEMM out
+FAST_RECOMPUTE_BLOCKS = 1.5  # at a block's backward: its recomputed activations and the gradients flowing through
 
 
 @dataclass
@@ -140,6 +145,11 @@ def _activations(s: Scenario) -> tuple[float, float]:
     a, t = s.arch, s.tokens
     trained_blocks = min(s.freeze_layers, a.num_layers) if s.method == "freeze" else a.num_layers
     trainable = s.method in ("full", "freeze")
+    if s.fast_path:  # checkpoints go to pinned host memory: only the block being recomputed is on the GPU
+        block = fast_block_bytes_per_token(s)
+        if s.gradient_checkpointing:
+            return 2.0 * a.hidden_size * t, FAST_RECOMPUTE_BLOCKS * block * t
+        return block * a.num_layers * t, 0.0
     block = block_bytes_per_token(s, trainable_layer=trainable)
     final_norm = 4 * a.hidden_size
     if s.gradient_checkpointing:
@@ -199,6 +209,10 @@ def estimate_memory(s: Scenario) -> Breakdown:
 
     acts, block_extra = _activations(s)
     logits = LOGITS_BYTES_PER_VOCAB * a.vocab_size * s.tokens
+    if s.fast_path:  # chunked loss: the final hidden states, their gradient and one chunk of logits
+        logits = 2 * 2.0 * a.hidden_size * s.tokens + FAST_LOSS_CHUNK
+        if s.gradient_checkpointing:
+            host["checkpoints (fast path, pinned)"] = 1.25 * a.num_layers * 2.0 * a.hidden_size * s.tokens * n
     cache, saved_copies = _autocast_copies(s, n_train)
     static = dict(weights=frozen, adapter=train_w + master_extra, optimizer=states)
     accumulating = grad_bytes if s.grad_accum > 1 else 0.0

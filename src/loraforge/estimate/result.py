@@ -56,6 +56,10 @@ class Estimate:
 
 def _notes(s: Scenario, b: Breakdown) -> list[str]:
     notes = []
+    if s.fast_path:
+        notes.append("fast path (fast_path: auto): 16-bit norms, chunked loss, checkpoints in pinned host memory; "
+                     "fitted to 3 H200 measurements of Qwen3-8B QLoRA (benchmarks/results/"
+                     "memory_calibration_fast.json); `fast_path=off` estimates the standard path")
     if s.zero_stage >= 1:
         notes.append("DeepSpeed figures follow ZeRO's published memory model; they are not calibrated on GPUs")
     if s.precision == "fp16":

@@ -87,6 +87,7 @@ class Scenario:
     offload_params: bool = False
     double_quant: bool = True
     upcast_norms: bool | None = None  # None: what loraforge's loader does (QLoRA keeps norms in fp32)
+    fast_path: bool = False  # loraforge's fast path (16-bit norms, chunked loss, checkpoints in host memory)
     int8_outlier_fraction: float = 0.01  # share of LLM.int8 input columns kept in 16/32 bits
 
     def __post_init__(self) -> None:
@@ -162,6 +163,10 @@ def _deepspeed_settings(value: Any, source: str | None) -> tuple[int, bool, bool
     return stage, _on_cpu("offload_optimizer"), _on_cpu("offload_param")
 
 
+# the families loraforge.models.fast covers (kept here: the estimator reads no model code)
+FAST_PATH_FAMILIES = ("qwen2", "qwen3", "llama", "mistral")
+
+
 def scenario_from_config(cfg: "RunConfig", *, num_gpus: int | None = None) -> Scenario:
     """The scenario that ``loraforge train`` would run with this config (HF keys read from ``cfg.explicit``)."""
     m, f, d, x = cfg.model, cfg.finetuning, cfg.data, cfg.explicit
@@ -185,10 +190,13 @@ def scenario_from_config(cfg: "RunConfig", *, num_gpus: int | None = None) -> Sc
     checkpointing = bool(gc) if gc is not None else not m.disable_gradient_checkpointing
     stage, off_opt, off_par = _deepspeed_settings(x.get("deepspeed"), cfg.source)
     gpus = num_gpus or int(x.get("nproc_per_node") or 1)
+    fast = (f.fast_path != "off" and method in ("lora", "qlora-4", "qlora-8") and not f.use_dora
+            and not f.pissa_init and stage == 0 and not x.get("fsdp") and not m.upcast_layernorm
+            and arch.model_type in FAST_PATH_FAMILIES)
     return Scenario(
         arch=arch, method=method, lora_rank=f.lora_rank, lora_targets=targets,
         freeze_layers=abs(f.freeze_trainable_layers), batch_size=int(x.get("per_device_train_batch_size", 8)),
         seq_len=d.cutoff_len, grad_accum=int(x.get("gradient_accumulation_steps", 1)),
         gradient_checkpointing=checkpointing, optim=str(x.get("optim", "adamw_torch")), precision=precision,
         num_gpus=gpus, zero_stage=stage, offload_optimizer=off_opt, offload_params=off_par,
-        double_quant=m.double_quantization, upcast_norms=True if m.upcast_layernorm else None)
+        double_quant=m.double_quantization, upcast_norms=True if m.upcast_layernorm else None, fast_path=fast)
