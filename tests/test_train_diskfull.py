@@ -132,7 +132,8 @@ def small_disk(tmp_path, reference):
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     yield mount
-    subprocess.run(["umount", str(mount)], capture_output=True, timeout=30)
+    # lazy: a file the failed save left open (held by a traceback) must not keep the mount alive
+    subprocess.run(["umount", "--lazy", str(mount)], capture_output=True, timeout=30)
 
 
 def test_real_small_disk_check_first_then_real_enospc(setup, small_disk, monkeypatch):
