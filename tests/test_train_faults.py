@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import shutil
 import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -122,6 +124,11 @@ def test_killed_at_every_kind_of_moment_then_resumed_equals_the_uninterrupted_ru
     # while the final model is moved into place (half of its files there)
     assert train(patch=_kill_inside_publish) == kill
     assert not (out / "trainer_state.json").exists()
+    # and at random moments of finishing from checkpoint-6 (a kill may also land after the end: then it is done)
+    rng = random.Random(11)
+    for _ in range(2):
+        delay = rng.uniform(0.05, 1.0)
+        assert train(patch=lambda: threading.Timer(delay, die).start()) in (kill, 0)
 
     run_train(load_config(cfg))  # the same command once more: it finishes from checkpoint-6, training nothing
 
