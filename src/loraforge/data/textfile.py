@@ -80,9 +80,9 @@ def decode_error(path: str | Path, err: UnicodeDecodeError, encoding: str, *, da
     return DataError(
         f"{who}{path} is not UTF-8: line {line}, byte {column} (offset {offset}, 0x{byte:02x}) does not decode; "
         f"{looks}",
-        hint=f"convert it to UTF-8, e.g. `iconv -f {source} -t UTF-8 {path} > {_utf8_name(path)}`, and point "
-             "`file_name` in dataset_info.json at the new file (UTF-8 with a BOM and UTF-16 with a BOM are read "
-             "as they are)")
+        hint=f"convert it to UTF-8, e.g. `iconv -f {source} -t UTF-8 {path} > {_utf8_name(path)}`, and "
+             + ("point `file_name` in dataset_info.json at the new file" if dataset else "use the new file")
+             + " (UTF-8 with a BOM and UTF-16 with a BOM are read as they are)")
 
 
 def first_bad_byte(path: str | Path) -> tuple[int, int, int, int]:

@@ -74,7 +74,16 @@ class LoraforgeTrainer(Seq2SeqTrainer):
         out = self.args.output_dir
         with disk_full_guard(out, self.save_bytes(final=False), what="write the training logs and checkpoints",
                              error=TrainingError, hint=self._space_hint(), cleanup=[Path(out) / STAGING]):
-            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            try:
+                return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            except BaseException:
+                # training ended, with an error: let callbacks close the progress bar (so the error starts on a
+                # line of its own) and put the signal handlers back
+                try:
+                    self.callback_handler.on_train_end(self.args, self.state, self.control)
+                except Exception:  # noqa: BLE001 - the first error is the one to report
+                    logger.debug("on_train_end after an error failed", exc_info=True)
+                raise
 
     def _finish_from(self, checkpoint: str, total: int) -> TrainOutput:
         """The run was stopped after saving its last checkpoint but before writing its model: nothing is left to
