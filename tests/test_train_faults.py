@@ -115,7 +115,7 @@ def test_killed_at_every_kind_of_moment_then_resumed_equals_the_uninterrupted_ru
     # right after logging step 3 (checkpoint-2 is complete): step 3 is trained and logged again
     assert train([_Fault("log", 3)]) == kill and (out / "checkpoint-2").is_dir() and not (out / ".staging").exists()
     # SIGTERM twice: the second stops at once (exit 130), no new checkpoint
-    assert in_child(lambda: _sigterm_twice(cfg_file)) == 130
+    assert in_child(lambda: _sigterm_twice(cfg_file)) == 130 and not (out / "checkpoint-4").exists()
     # just after checkpoint-4 is complete
     assert train([_Fault("save", 4)]) == kill and (out / "checkpoint-4").is_dir()
     # after the last checkpoint (step 6), before the final model is written

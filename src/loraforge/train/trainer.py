@@ -76,13 +76,18 @@ class LoraforgeTrainer(Seq2SeqTrainer):
                              error=TrainingError, hint=self._space_hint(), cleanup=[Path(out) / STAGING]):
             try:
                 return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-            except BaseException:
+            except BaseException as err:
                 # training ended, with an error: let callbacks close the progress bar (so the error starts on a
                 # line of its own) and put the signal handlers back
                 try:
                     self.callback_handler.on_train_end(self.args, self.state, self.control)
                 except Exception:  # noqa: BLE001 - the first error is the one to report
                     logger.debug("on_train_end after an error failed", exc_info=True)
+                if isinstance(err, KeyboardInterrupt):  # a second Ctrl-C / SIGTERM: say what is kept
+                    newest = newest_checkpoint(out)
+                    logger.warning("stopped at once at step %d; %s. Continue with: resume_from_checkpoint=auto",
+                                   self.state.global_step, f"{newest} is the newest complete checkpoint" if newest
+                                   else f"{out} holds no checkpoint yet, so that starts over")
                 raise
 
     def _finish_from(self, checkpoint: str, total: int) -> TrainOutput:
