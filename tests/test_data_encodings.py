@@ -1,13 +1,15 @@
 """Dataset files that are not plain UTF-8: BOM-marked UTF-8/UTF-16 read as they are; anything else stops with one
 error naming the file, line and byte, the encoding it looks like and the iconv fix, in training and in
-`data check` / `data convert`. An empty file says it holds no rows."""
+`data check` / `data convert`. An empty file says it holds no rows; `data convert` on a full disk says so."""
 
 from __future__ import annotations
 
 import codecs
 import csv
+import errno
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -130,3 +132,30 @@ def test_empty_file_says_it_holds_no_rows(tmp_path, content):
     with pytest.raises(DataError, match=rf"dataset 'empty' \(train\): {tmp_path / 'empty.json'} holds no rows") as e:
         _texts(tmp_path, "empty")
     assert "formatting" not in str(e.value)
+
+
+def test_data_convert_on_a_full_disk_one_message_no_partial_file(tmp_path, monkeypatch, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text(_as_jsonl(ROWS), encoding="utf-8")
+    real = os.fdopen
+
+    class _Full:
+        """The output file: every write finds the disk full."""
+
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: _Full(real(fd, *a, **k)))
+    assert main(["data", "convert", str(src), str(tmp_path / "out.json")]) == DataError.exit_code
+    err = capsys.readouterr().err
+    assert f"the disk filled up while trying to write out.json in {tmp_path}: it needs about" in err
+    assert "Traceback" not in err and sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]

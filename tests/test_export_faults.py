@@ -15,6 +15,7 @@ from conftest import make_random_lora
 from faultkit import die, hidden_leftovers, in_child, snapshot, sums_setup
 from loraforge.cli import main
 from loraforge.config import load_config
+from loraforge.errors import LoraforgeError
 from loraforge.evaluate.predict import PREDICTIONS_FILE, run_predict
 from loraforge.evaluate.results import PredictionFile
 from loraforge.export.workflow import run_export
@@ -172,3 +173,24 @@ def test_killed_predict_resumes_without_duplicates_or_gaps(setup, tmp_path):
     rows = [json.loads(x) for x in (out / PREDICTIONS_FILE).read_text().splitlines()]
     assert [r["index"] for r in rows] == list(range(10))
     assert rows == [json.loads(x) for x in (reference / PREDICTIONS_FILE).read_text().splitlines()]
+
+
+def test_predict_on_a_full_disk_keeps_the_rows_written_then_resumes(setup, tmp_path, monkeypatch):
+    model, _, data = setup
+    cfg = load_config({"model_name_or_path": str(model), "template": "chatml", "eval_dataset": "sums",
+                       "dataset_dir": str(data), "output_dir": str(tmp_path / "out"), "max_new_tokens": 2,
+                       "predict_batch_size": 4, "max_samples": 8}, purpose="predict")
+    real = PredictionFile.append
+
+    def append(self, rows):
+        if self.done:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, rows)
+
+    monkeypatch.setattr(PredictionFile, "append", append)
+    with pytest.raises(LoraforgeError, match=rf"the disk filled up while trying to write {PREDICTIONS_FILE} in "
+                                             rf"{tmp_path / 'out'}: .* is free\n.*predict resumes"):
+        run_predict(cfg)
+    assert len((tmp_path / "out" / PREDICTIONS_FILE).read_text().splitlines()) == 4  # the first batch is kept
+    monkeypatch.setattr(PredictionFile, "append", real)
+    assert run_predict(cfg)["predict_samples"] == 8

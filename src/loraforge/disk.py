@@ -73,12 +73,13 @@ def ensure_free_space(folder: str | Path, needed: int, *, what: str, error: type
 
 
 @contextmanager
-def disk_full_guard(folder: str | Path, needed: int, *, what: str, error: type[LoraforgeError], hint: str,
-                    cleanup: Sequence[str | Path] = ()) -> Iterator[None]:
-    """Turn a full disk while writing into one ``error`` naming ``folder``, the space needed and the space free.
+def disk_full_guard(folder: str | Path, needed: int | None, *, what: str, error: type[LoraforgeError], hint: str,
+                    cleanup: Sequence[str | Path] = (), removed: bool = True) -> Iterator[None]:
+    """Turn a full disk while writing into one ``error`` naming ``folder``, the space needed (when known) and the
+    space free.
 
     The partial files in ``cleanup`` are removed first (they would keep the disk full), so the free space in the
-    message is what the user really has.
+    message is what the user really has; ``removed=False`` when the caller keeps what was written (to resume).
     """
     try:
         yield
@@ -89,6 +90,7 @@ def disk_full_guard(folder: str | Path, needed: int, *, what: str, error: type[L
             raise
         for path in cleanup:
             shutil.rmtree(path, ignore_errors=True)
-        raise error(f"the disk filled up while trying to {what} in {folder}: it needs about {human_size(needed)}, "
-                    f"and {human_size(free_bytes(folder))} is free (the partial files were removed)",
-                    hint=hint) from None
+        need = f"it needs about {human_size(needed)}, and " if needed is not None else ""
+        note = " (the partial files were removed)" if removed else ""
+        raise error(f"the disk filled up while trying to {what} in {folder}: {need}{human_size(free_bytes(folder))} "
+                    f"is free{note}", hint=hint) from None
