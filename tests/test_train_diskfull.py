@@ -5,6 +5,7 @@ complete checkpoint is kept, so the same command resumes once there is room."""
 from __future__ import annotations
 
 import errno
+import json
 import re
 import os
 import subprocess
@@ -75,6 +76,11 @@ def test_free_space_is_checked_before_each_checkpoint(setup, tmp_path, reference
     assert needed <= float(number) * {"KiB": 2**10, "MiB": 2**20}[unit] <= 2 * needed  # the size of checkpoint-2
     assert "checkpoint-2 and the checkpoints before it are kept" in message
     assert _entries(out) == ["checkpoint-2"]  # nothing of checkpoint-4 was written
+    monkeypatch.setattr(disk, "free_bytes", real)  # space was freed: the same command resumes from checkpoint-2
+    run_train(load_config(_cfg(setup, out)))
+    assert (out / "adapter_model.safetensors").read_bytes() == (reference / "adapter_model.safetensors").read_bytes()
+    results, expected = (json.loads((d / "train_results.json").read_text()) for d in (out, reference))
+    assert results["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-5)  # the whole run's mean
 
 
 @pytest.mark.parametrize("error", [OSError(errno.ENOSPC, FULL), Exception(f"{FULL} (os error 28)")],

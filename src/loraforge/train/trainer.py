@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Iterator, Sequence
@@ -65,7 +66,10 @@ class LoraforgeTrainer(Seq2SeqTrainer):
         return super().create_optimizer(model) if model is not None else super().create_optimizer()
 
     def train(self, resume_from_checkpoint=None, **kwargs):
-        """Train; a full disk at any write (logs, checkpoints) ends the run with one message naming the folder."""
+        """Train; a full disk at any write (logs, checkpoints) ends the run with one message naming the folder.
+
+        A resumed run reports the training loss of the whole run, and one resumed from its last step trains nothing.
+        """
         state = read_state(resume_from_checkpoint) if isinstance(resume_from_checkpoint, str) else None
         total = last_step(state, self.args) if state else None
         if total is not None and int(state.get("global_step") or 0) >= total and not (
@@ -75,7 +79,7 @@ class LoraforgeTrainer(Seq2SeqTrainer):
         with disk_full_guard(out, self.save_bytes(final=False), what="write the training logs and checkpoints",
                              error=TrainingError, hint=self._space_hint(), cleanup=[Path(out) / STAGING]):
             try:
-                return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+                result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
             except BaseException as err:
                 # training ended, with an error: let callbacks close the progress bar (so the error starts on a
                 # line of its own) and put the signal handlers back
@@ -89,6 +93,11 @@ class LoraforgeTrainer(Seq2SeqTrainer):
                                    self.state.global_step, f"{newest} is the newest complete checkpoint" if newest
                                    else f"{out} holds no checkpoint yet, so that starts over")
                 raise
+        run_loss = self._run_loss()
+        if resume_from_checkpoint and math.isfinite(run_loss):
+            # Hugging Face averages over this session's steps only; report the whole run's, as without the stop
+            result = TrainOutput(result.global_step, run_loss, {**result.metrics, "train_loss": run_loss})
+        return result
 
     def _finish_from(self, checkpoint: str, total: int) -> TrainOutput:
         """The run was stopped after saving its last checkpoint but before writing its model: nothing is left to
