@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -117,3 +119,21 @@ def train_config(model: Path, data: Path, out: Path, **over) -> dict:
            "plot_loss": False, "resume_from_checkpoint": "auto"}
     cfg.update(over)
     return cfg
+
+
+@contextmanager
+def small_disk(mount: Path, size: int):
+    """A real tmpfs of ``size`` bytes at ``mount`` (root only; the test is skipped where it cannot be mounted)."""
+    import pytest
+
+    mount.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (the patched-write tests cover the same code)")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                          capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:  # lazy: a file a failed save left open (held by a traceback) must not keep the mount alive
+        subprocess.run(["umount", "--lazy", str(mount)], capture_output=True, timeout=30)

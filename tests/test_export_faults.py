@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from conftest import make_random_lora
-from faultkit import die, hidden_leftovers, in_child, snapshot, sums_setup
+from faultkit import die, hidden_leftovers, in_child, small_disk, snapshot, sums_setup
 from loraforge.cli import main
 from loraforge.config import load_config
-from loraforge.errors import LoraforgeError
+from loraforge.errors import ExportError, LoraforgeError
 from loraforge.evaluate.predict import PREDICTIONS_FILE, run_predict
 from loraforge.evaluate.results import PredictionFile
 from loraforge.export.workflow import run_export
@@ -194,3 +194,20 @@ def test_predict_on_a_full_disk_keeps_the_rows_written_then_resumes(setup, tmp_p
     assert len((tmp_path / "out" / PREDICTIONS_FILE).read_text().splitlines()) == 4  # the first batch is kept
     monkeypatch.setattr(PredictionFile, "append", real)
     assert run_predict(cfg)["predict_samples"] == 8
+
+
+def test_real_small_disk_export_check_first_then_real_enospc(setup, reference_export, tmp_path, monkeypatch):
+    import loraforge.export.workflow as workflow
+
+    sizes = {p.name: p.stat().st_size for p in reference_export.iterdir()}
+    room = sum(sizes.values()) - sizes["out-q8_0.gguf"] // 2  # the merged files fit, the GGUF does not
+    with small_disk(tmp_path / "disk", room) as disk:
+        out = disk / "out"
+        cfg = load_config(_export_cfg(setup, out), purpose="export")
+        with pytest.raises(ExportError, match=rf"not enough free disk space to write the export in {out}"):
+            run_export(cfg)  # the common case: refused before anything is written
+        monkeypatch.setattr(workflow, "check_free_space", lambda *a: 10**12)  # an estimate can be wrong
+        with pytest.raises(ExportError, match=rf"the disk filled up while trying to write the export in {out}: "
+                                              r"it needs about .+ is free \(the partial files were removed\)"):
+            run_export(cfg)
+        assert not out.exists() and hidden_leftovers(out) == [] and list(disk.iterdir()) == []

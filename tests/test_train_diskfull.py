@@ -8,7 +8,6 @@ import errno
 import json
 import re
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import torch
 import yaml
 
 import loraforge.disk as disk
-from faultkit import hidden_leftovers, sums_setup, train_config
+from faultkit import hidden_leftovers, small_disk, sums_setup, train_config
 from loraforge.cli import main
 from loraforge.config import load_config
 from loraforge.errors import TrainingError
@@ -126,24 +125,15 @@ def test_disk_full_writing_the_final_model_one_message_then_the_same_command_fin
 
 
 @pytest.fixture()
-def small_disk(tmp_path, reference):
-    """A real tmpfs that holds checkpoint-2 but not checkpoint-4 as well (needs root; skipped otherwise)."""
+def tmpfs(tmp_path, reference):
+    """A real tmpfs that holds checkpoint-2 but not checkpoint-4 as well."""
     size = sum(p.stat().st_size for p in (reference / "checkpoint-2").rglob("*") if p.is_file())
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (the patched-write tests above cover the same code)")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size * 3 // 2 + 64 * 1024}", "tmpfs", str(mount)],
-                          capture_output=True, text=True, timeout=30)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    yield mount
-    # lazy: a file the failed save left open (held by a traceback) must not keep the mount alive
-    subprocess.run(["umount", "--lazy", str(mount)], capture_output=True, timeout=30)
+    with small_disk(tmp_path / "disk", size * 3 // 2 + 64 * 1024) as mount:
+        yield mount
 
 
-def test_real_small_disk_check_first_then_real_enospc(setup, small_disk, monkeypatch):
-    out = small_disk / "run"
+def test_real_small_disk_check_first_then_real_enospc(setup, tmpfs, monkeypatch):
+    out = tmpfs / "run"
     with pytest.raises(TrainingError, match=rf"not enough free disk space to save checkpoint-4 in {out}"):
         run_train(load_config(_cfg(setup, out)))
     assert _entries(out) == ["checkpoint-2"]
