@@ -30,7 +30,9 @@ class TrainingArguments(Seq2SeqTrainingArguments):
     warmup_ratio: float = arg(0.0, "Share of total steps used for linear warmup (used when warmup_steps is 0).")
     logging_dir: Optional[str] = arg(None, "TensorBoard log folder (accepted for compatibility).")
     resume_from_checkpoint: Optional[Union[bool, str]] = arg(
-        None, "Resume from this checkpoint folder, or `true` for the newest complete checkpoint in output_dir.")
+        None, "Resume from this checkpoint folder; `true` from the newest complete checkpoint in output_dir (an error "
+        "when there is none); `auto` from it when there is one, else start fresh (restart a preempted job with the "
+        "same command). A run that already finished is left as it is.")
     nproc_per_node: Optional[int] = arg(None, "Processes (GPUs) per node; >1 relaunches under torchrun.")
     fsdp: Optional[Union[bool, str]] = arg(None, "FSDP through accelerate: true (tuned by fsdp_config, e.g. "
                                            "examples/fsdp/fsdp1_qlora.json) or legacy options 'full_shard auto_wrap'.")

@@ -133,9 +133,9 @@ def check(cfg: "RunConfig", training: dict[str, Any], purpose: str, *, environme
 
         p += distributed_problems(cfg, training, environment=environment)  # environment: GPUs, DeepSpeed installed
         resume = training.get("resume_from_checkpoint")
-        if isinstance(resume, str) and resume.lower() not in ("true", "last") and not Path(resume).is_dir():
-            p.append(f"`resume_from_checkpoint: {resume}` is not a folder; give a checkpoint folder, or `true` "
-                     "for the newest checkpoint in output_dir")
+        if isinstance(resume, str) and resume.lower() not in ("true", "last", "auto") and not Path(resume).is_dir():
+            p.append(f"`resume_from_checkpoint: {resume}` is not a folder; give a checkpoint folder, `true` for the "
+                     "newest checkpoint in output_dir, or `auto` to resume when there is one and start fresh otherwise")
     if purpose in ("predict", "eval") and not (d.eval_dataset or d.dataset):
         p.append(f"`eval_dataset` (or `dataset` with `val_size`) is required for {purpose}")
     if purpose == "export" and not e.export_dir:

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..disk import disk_full_guard
 from ..errors import DataError, LoraforgeError
 
 
@@ -67,7 +68,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert_file
 
-    result = convert_file(args.input, args.output, to=args.to, limit=args.limit)
+    out = Path(args.output).absolute()
+    source = Path(args.input)
+    # the output is about as large as the input; convert_file removes its temporary file on any error
+    with disk_full_guard(out.parent, source.stat().st_size if source.is_file() else None, what=f"write {out.name}",
+                         error=DataError, hint="free some space, or write the output to another disk"):
+        result = convert_file(args.input, args.output, to=args.to, limit=args.limit)
     print(f"wrote {result.written} rows to {args.output} ({args.to})")
     if result.bad_count:
         print(f"skipped {result.bad_count} bad line(s) of {args.input}:")

@@ -15,6 +15,7 @@ from .conversation import Conversation, Message
 from .formats import RowProblem, convert_row, tool_calls_to_json, validate
 from .readers import RawRow
 from .registry import DEFAULT_TAGS, parse_entry
+from .textfile import open_text
 
 TARGETS = ("sharegpt", "openai", "alpaca")
 # Role names seen in the wild -> loraforge roles (for input detection only).
@@ -168,7 +169,7 @@ def convert_file(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "s
     seen = {"system": False, "tools": False, "history": False}
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
     try:
-        with open(src, encoding="utf-8-sig") as fin, os.fdopen(fd, "w", encoding="utf-8") as fout:
+        with open_text(src) as fin, os.fdopen(fd, "w", encoding="utf-8") as fout:
             fout.write("[")
             for number, data in _lines(fin):
                 if limit is not None and result.written >= limit:

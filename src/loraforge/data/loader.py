@@ -80,6 +80,18 @@ def _check_ratio(count: DatasetCount, report: DataReport, max_bad_ratio: float) 
         hint="fix those rows (run `loraforge data check CONFIG` for the report), or raise `max_bad_ratio`")
 
 
+def _no_rows(attr: DatasetAttr, dataset_dir: Path | None, split: str) -> None:
+    """An empty file (``[]``, nothing, or blank lines) is not a formatting problem: say so plainly."""
+    if attr.load_from == "file":
+        files = data_files(attr, dataset_dir or Path("."))
+        where = str(files[0]) if len(files) == 1 else f"the {len(files)} files of {files[0].parent}"
+    else:
+        where = f"{attr.path} (split {attr.split})"
+    raise DataError(f"dataset {attr.name!r} ({split}): {where} holds no rows",
+                    hint="add rows (a JSON array of objects, or one JSON object per line), or remove "
+                         f"{attr.name!r} from the config's dataset list")
+
+
 def load_conversations(data_args, names: str | Sequence[str], *, split: str = "train",
                        config_dir: str | Path | None = None, seed: int = 42,
                        require_answer: bool = True) -> tuple[list[Conversation], DataReport]:
@@ -111,6 +123,8 @@ def load_conversations(data_args, names: str | Sequence[str], *, split: str = "t
             conv.meta = {"dataset": name, "split": split, "file": row.file, "row": row.index}
             convs.append(conv)
         count.kept = len(convs)
+        if count.read == 0 and limit != 0:
+            _no_rows(attr, dataset_dir, split)
         _check_ratio(count, report, data_args.max_bad_ratio)
         if attr.num_samples:
             convs = sample_to(convs, attr.num_samples, seed)

@@ -12,6 +12,7 @@ from typing import Any, Iterator
 
 from ..errors import DataError
 from .registry import DatasetAttr, verify_sha1
+from .textfile import open_text, read_text
 
 EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow",
               ".txt": "txt"}
@@ -82,13 +83,13 @@ def _read_file(path: Path, name: str) -> Iterator[RawRow]:
     if kind in ("json", "jsonl"):
         yield from _read_json(path, name)
     elif kind == "txt":
-        with open(path, encoding="utf-8") as fh:
+        with open_text(path, dataset=name) as fh:
             for i, line in enumerate(fh):
                 text = line.rstrip("\n")
                 if text.strip():
                     yield RawRow({"text": text}, label, i)
     elif kind == "csv":
-        with open(path, encoding="utf-8", newline="") as fh:
+        with open_text(path, dataset=name, newline="") as fh:
             for i, row in enumerate(csv.DictReader(fh)):
                 yield RawRow(dict(row), label, i)
     else:
@@ -123,11 +124,11 @@ def _read_arrow(path: Path):
 def _read_json(path: Path, name: str) -> Iterator[RawRow]:
     """A JSON array (or an object holding one list), or JSON Lines whatever the extension says."""
     label = path.name
-    with open(path, encoding="utf-8-sig") as fh:
+    with open_text(path, dataset=name) as fh:
         head = fh.read(4096).lstrip()
     if head.startswith("["):
         try:
-            data = json.loads(path.read_text(encoding="utf-8-sig"))
+            data = json.loads(read_text(path, dataset=name))
         except json.JSONDecodeError as err:
             raise DataError(f"dataset {name!r}: {path} is not valid JSON: {err.msg} at line {err.lineno}, "
                             f"column {err.colno}", hint="fix the file, or write one JSON object per line") from None
@@ -135,7 +136,7 @@ def _read_json(path: Path, name: str) -> Iterator[RawRow]:
             yield RawRow(row if isinstance(row, dict) else {"__not_an_object__": row}, label, i)
         return
     # One object per line (JSON Lines), also when the file is named .json; or one object holding a list.
-    with open(path, encoding="utf-8-sig") as fh:
+    with open_text(path, dataset=name) as fh:
         lines = iter(fh)
         first = None
         for first_no, first in enumerate(lines):
@@ -166,7 +167,7 @@ def _jsonl_row(obj: Any, label: str, index: int) -> RawRow:
 
 def _read_single_object(path: Path, name: str) -> Iterator[RawRow]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        data = json.loads(read_text(path, dataset=name))
     except json.JSONDecodeError as err:
         raise DataError(f"dataset {name!r}: {path} is neither a JSON array nor JSON Lines ({err.msg} at line "
                         f"{err.lineno})", hint="write a list of objects, or one object per line") from None

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from .textfile import read_text
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def read_dataset_info(dataset_dir: Path) -> dict[str, Any]:
     if not info_path.is_file():
         return {}
     try:
-        info = json.loads(info_path.read_text(encoding="utf-8"))
+        info = json.loads(read_text(info_path))
     except json.JSONDecodeError as err:
         raise DataError(f"{info_path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}",
                         hint="fix the JSON syntax (a trailing comma is a common cause)") from None

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from ..errors import ConfigError, DataError
+from ..disk import disk_full_guard
+from ..errors import ConfigError, DataError, LoraforgeError
 from ..serve.engine import DEFAULT_THOUGHT_TAGS, SamplingParams, reasoning_splitter_for
 from ..serve.text import ReasoningSplitter
 from .results import PredictionFile, write_results
@@ -135,7 +136,10 @@ def run_predict(cfg: "RunConfig", model: Any = None, tokenizer: Any = None, *, t
             from ..models.loader import load_model
 
             model = load_model(cfg, tokenizer, is_trainable=False)
-        new_tokens = _generate_missing(cfg, model, tokenizer, template, prompts, todo, records)
+        with disk_full_guard(out_dir, None, what=f"write {PREDICTIONS_FILE}", error=LoraforgeError, removed=False,
+                             hint="free some space and run the same command: predict resumes after the rows "
+                                  "already written"):
+            new_tokens = _generate_missing(cfg, model, tokenizer, template, prompts, todo, records)
     runtime = time.perf_counter() - start
 
     rows = records.finalize()

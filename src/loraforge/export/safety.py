@@ -15,21 +15,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..disk import ensure_free_space, human_size  # noqa: F401 - human_size is imported from here by export/
 from ..errors import ExportError
 
 logger = logging.getLogger(__name__)
 
 # Room kept free beyond the expected size, for file-system overhead and the tokenizer files.
 DISK_MARGIN_BYTES = 256 * 2**20
-
-
-def human_size(n: float) -> str:
-    """``1536`` -> ``"1.5 KiB"``; used in logs, plans and the dry-run upload listing."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+SPACE_HINT = ("free some space, choose an `export_dir` on another disk, or export fewer formats "
+              "(`export_format: gguf` skips the merged safetensors)")
 
 
 def check_destination(dest: Path, *, overwrite: bool, also: str = "") -> None:
@@ -48,29 +42,50 @@ def check_free_space(dest: Path, needed_bytes: int) -> int:
 
     Returns the free bytes so callers can log them.
     """
-    probe = dest
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < needed_bytes + DISK_MARGIN_BYTES:
-        raise ExportError(
-            f"not enough free disk space for the export into {str(dest)!r}: it needs about "
-            f"{human_size(needed_bytes + DISK_MARGIN_BYTES)}, and {human_size(free)} is free on that disk",
-            hint="free some space, choose an `export_dir` on another disk, or export fewer formats "
-                 "(`export_format: gguf` skips the merged safetensors)")
-    return free
+    return ensure_free_space(dest, needed_bytes, what="write the export", error=ExportError, hint=SPACE_HINT,
+                             margin=DISK_MARGIN_BYTES)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def recover_interrupted(dest: Path) -> None:
+    """Clean up after an export that was killed: its temporary folder is removed; a previous export moved aside
+    just before the kill goes back to ``dest``. Folders of exports still running (their pid is alive) stay."""
+    prefix = f".{dest.name}."
+    for path in dest.parent.glob(f"{prefix}*-*") if dest.parent.is_dir() else []:
+        kind, _, rest = path.name[len(prefix):].partition("-")
+        pid = rest.split("-")[0]
+        if kind not in ("tmp", "old") or (pid.isdigit() and _alive(int(pid))):
+            continue
+        if kind == "old" and not dest.exists():
+            os.replace(path, dest)
+            logger.warning("restored the previous export %s (an export was killed while replacing it)", dest)
+        else:
+            logger.warning("removing %s, left by an export that was killed", path)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @contextmanager
 def staging_folder(dest: Path, *, overwrite: bool) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``dest``; on success it replaces ``dest`` atomically.
 
-    On any error the temporary folder is deleted and ``dest`` (if it existed) is left as it was.
+    On any error the temporary folder is deleted and ``dest`` (if it existed) is left as it was. The folder
+    names carry this process's id, so a later export can tell a killed export's leftovers from a running one.
     """
     dest = dest.resolve()
+    recover_interrupted(dest)
     check_destination(dest, overwrite=overwrite)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = dest.parent / f".{dest.name}.tmp-{tag}"
     tmp.mkdir()
     try:
         yield tmp
@@ -80,7 +95,7 @@ def staging_folder(dest: Path, *, overwrite: bool) -> Iterator[Path]:
     old = None
     if dest.exists():
         # Move the previous export aside first, so there is never a moment with neither folder complete.
-        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+        old = dest.parent / f".{dest.name}.old-{tag}"
         os.replace(dest, old)
     try:
         os.replace(tmp, dest)

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..disk import disk_full_guard
 from ..errors import ExportError
-from .safety import check_destination, check_free_space, human_size, staging_folder
+from .safety import SPACE_HINT, check_destination, check_free_space, human_size, recover_interrupted, staging_folder
 from .upload import UploadPlan, list_folder, plan_upload, upload
 
 if TYPE_CHECKING:
@@ -229,12 +230,15 @@ def run_export(cfg: "RunConfig", *, overwrite: bool = False, plan: ExportPlan | 
     """Export as ``cfg.export`` says, then upload when ``export_hub_model_id`` is set."""
     plan = plan or plan_export(cfg)
     overwrite = overwrite or cfg.export.export_overwrite
+    recover_interrupted(plan.export_dir)
     check_destination(plan.export_dir, overwrite=overwrite,
                       also="; to upload it as it is, use --upload-only" if cfg.export.export_hub_model_id else "")
     free = check_free_space(plan.export_dir, plan.needed_bytes)
     logger.info("disk: %s needed, %s free", human_size(plan.needed_bytes), human_size(free))
     start = time.perf_counter()
-    with staging_folder(plan.export_dir, overwrite=overwrite) as tmp:
+    # staging_folder removes the partial export before the guard measures what is free
+    with disk_full_guard(plan.export_dir, plan.needed_bytes, what="write the export", error=ExportError,
+                         hint=SPACE_HINT), staging_folder(plan.export_dir, overwrite=overwrite) as tmp:
         reports = _build(cfg, plan, tmp)
     result = ExportResult(plan.export_dir, list_folder(plan.export_dir), time.perf_counter() - start, reports)
     if cfg.export.export_hub_model_id:

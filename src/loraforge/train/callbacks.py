@@ -66,6 +66,23 @@ class JsonlLogCallback(TrainerCallback):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if state.global_step == 0 and self.path.exists():
                 self.path.unlink()  # a fresh run starts a fresh log; a resumed run appends
+            elif self.path.exists():
+                self._keep_until(state.global_step)
+
+    def _keep_until(self, step: int) -> None:
+        """Drop the rows a killed run logged after the checkpoint it resumes from (they are trained and logged
+        again), and a last line cut short by the kill, so the log has each step once."""
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and row.get("current_steps", 0) <= step:
+                kept.append(line + "\n")
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(self.path)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "train_loss" in logs:

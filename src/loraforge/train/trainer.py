@@ -1,7 +1,9 @@
 """The Hugging Face Trainer with the few behaviours loraforge changes, each in a small named override.
 
 - ``training_step``: tells the non-finite guard when a micro-batch loss is NaN/inf.
-- ``_save_checkpoint``: writes each checkpoint into a staging folder and renames it when complete.
+- ``_save_checkpoint``: checks the free disk space, writes each checkpoint into a staging folder and renames it
+  when complete; a full disk ends the run with one message and no partial checkpoint.
+- ``train``: a resume from a checkpoint at the run's last step trains nothing (see ``_finish_from``).
 - ``create_optimizer``: LoRA+ parameter groups when ``loraplus_lr_ratio`` is set.
 - ``compute_loss``: on the fast path, asks the model for no logits while training (the fused loss, given as
   the Trainer's ``compute_loss_func``, works from the final hidden states).
@@ -11,21 +13,33 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import shutil
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import Seq2SeqTrainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_callback import TrainerState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
+from ..disk import disk_full_guard, ensure_free_space, folder_bytes
+from ..errors import TrainingError
 from .callbacks import NonFiniteGuard, ThroughputTracker
-from .checkpoint import STAGING
+from .checkpoint import STAGING, last_step, newest_checkpoint, read_state
 from .token_batching import can_repack, counted_inputs, is_empty_slot, repack_step
 
 logger = logging.getLogger(__name__)
+
+# Checkpoint files that the final model folder does not get (the optimizer and the rest of the training state).
+_RESUME_ONLY = ("optimizer.pt", "scheduler.pt", "scaler.pt", "training_args.bin", "trainer_state.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
+                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "qwen.tiktoken")
 
 
 class LoraforgeTrainer(Seq2SeqTrainer):
@@ -98,6 +112,109 @@ class LoraforgeTrainer(Seq2SeqTrainer):
             return self.optimizer
         return super().create_optimizer(model) if model is not None else super().create_optimizer()
 
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """Train; a full disk at any write (logs, checkpoints) ends the run with one message naming the folder.
+
+        A resumed run reports the training loss of the whole run, and one resumed from its last step trains nothing.
+        """
+        state = read_state(resume_from_checkpoint) if isinstance(resume_from_checkpoint, str) else None
+        total = last_step(state, self.args) if state else None
+        if total is not None and int(state.get("global_step") or 0) >= total and not (
+                self.is_deepspeed_enabled or self.is_fsdp_enabled):  # those load weights after preparing: train
+            return self._finish_from(resume_from_checkpoint, total)
+        out = self.args.output_dir
+        with disk_full_guard(out, self.save_bytes(final=False), what="write the training logs and checkpoints",
+                             error=TrainingError, hint=self._space_hint(), cleanup=[Path(out) / STAGING]):
+            try:
+                result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            except BaseException as err:
+                # training ended, with an error: let callbacks close the progress bar (so the error starts on a
+                # line of its own) and put the signal handlers back
+                try:
+                    self.callback_handler.on_train_end(self.args, self.state, self.control)
+                except Exception:  # noqa: BLE001 - the first error is the one to report
+                    logger.debug("on_train_end after an error failed", exc_info=True)
+                if isinstance(err, KeyboardInterrupt):  # a second Ctrl-C / SIGTERM: say what is kept
+                    newest = newest_checkpoint(out)
+                    logger.warning("stopped at once at step %d; %s. Continue with: resume_from_checkpoint=auto",
+                                   self.state.global_step, f"{newest} is the newest complete checkpoint" if newest
+                                   else f"{out} holds no checkpoint yet, so that starts over")
+                raise
+        run_loss = self._run_loss()
+        if resume_from_checkpoint and math.isfinite(run_loss):
+            # Hugging Face averages over this session's steps only; report the whole run's, as without the stop
+            result = TrainOutput(result.global_step, run_loss, {**result.metrics, "train_loss": run_loss})
+        return result
+
+    def _finish_from(self, checkpoint: str, total: int) -> TrainOutput:
+        """The run was stopped after saving its last checkpoint but before writing its model: nothing is left to
+        train (Hugging Face would take one more step, past max_steps), so load that checkpoint and return its
+        metrics; the caller then writes the outputs exactly as at the end of an uninterrupted run."""
+        self._load_from_checkpoint(checkpoint)  # the Trainer's own loader: adapters, full or sharded weights
+        self.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+        logger.info("%s is the run's last step (%d of %d): nothing left to train; writing the outputs from it",
+                    checkpoint, self.state.global_step, total)
+        metrics = {"epoch": self.state.epoch, "total_flos": self.state.total_flos, "train_loss": self._run_loss()}
+        written = Path(self.args.output_dir) / "train_results.json"
+        try:
+            earlier = json.loads(written.read_text(encoding="utf-8")) if written.is_file() else {}
+        except ValueError:
+            earlier = {}
+        if isinstance(earlier, dict) and earlier.get("epoch") == metrics["epoch"]:
+            metrics.update(earlier)  # the stopped run got as far as writing its metrics: keep them exactly
+        return TrainOutput(self.state.global_step, metrics["train_loss"], metrics)
+
+    def _run_loss(self) -> float:
+        """Mean training loss over the whole run, from the logged losses (each weighted by the steps it covers)."""
+        total = steps = 0.0
+        last = 0
+        for row in self.state.log_history:
+            if "loss" in row and "step" in row:
+                total += row["loss"] * (row["step"] - last)
+                steps += row["step"] - last
+                last = row["step"]
+        return total / steps if steps else float("nan")
+
+    def save_bytes(self, *, final: bool) -> int:
+        """Bytes the next checkpoint (or, with ``final``, the final model folder) will take on disk: the newest
+        checkpoint's size when there is one, else the weights, Adam's two moments and the tokenizer files."""
+        newest = newest_checkpoint(self.args.output_dir)
+        if newest is not None:
+            files = [p for p in newest.rglob("*") if p.is_file()]
+            if final:
+                files = [p for p in files if p.name not in _RESUME_ONLY and not p.name.startswith("rng_state")]
+            return sum(p.stat().st_size for p in files)
+        model = self.model
+        params = list(model.parameters())
+        trainable = [p for p in params if p.requires_grad]
+        saved = trainable if hasattr(model, "peft_config") else params  # a PEFT model saves only its adapter
+        size = sum(p.numel() * p.element_size() for p in saved)
+        if not final and not self.args.save_only_model:
+            size += sum(8 * p.numel() for p in trainable)  # Adam's two fp32 moments
+        source = Path(str(getattr(self.processing_class, "name_or_path", "") or ""))
+        if source.is_dir():
+            size += sum(folder_bytes(source / name) for name in _TOKENIZER_FILES)
+        return size
+
+    def _space_hint(self) -> str:
+        newest = newest_checkpoint(self.args.output_dir)
+        kept = f"; {newest.name} and the checkpoints before it are kept" if newest is not None else ""
+        return ("free some space or set `output_dir` on a disk with room, then run the same command with "
+                f"`resume_from_checkpoint: auto` to continue{kept}")
+
+    @contextmanager
+    def saving(self, folder: str | Path, what: str, *, final: bool, cleanup: Sequence[str | Path]) -> Iterator[None]:
+        """Check the free space before a save, and turn a disk that fills up during it into one message (after
+        removing the partial files in ``cleanup``; complete checkpoints are never touched)."""
+        needed = self.save_bytes(final=final)
+        hint = self._space_hint()
+        if self.args.should_save:
+            # margin: file-system blocks of a dozen files, and an estimate that may be a little short
+            ensure_free_space(folder, needed, what=what, error=TrainingError, hint=hint,
+                              margin=64 * 1024 + needed // 20)
+        with disk_full_guard(folder, needed, what=what, error=TrainingError, hint=hint, cleanup=cleanup):
+            yield
+
     def _get_output_dir(self, trial):
         run_dir = super()._get_output_dir(trial)
         return os.path.join(run_dir, STAGING) if self._staging else run_dir
@@ -108,14 +225,15 @@ class LoraforgeTrainer(Seq2SeqTrainer):
         A crash while saving leaves only the staging folder, which the next run removes, so every
         ``checkpoint-N`` folder is complete and resume always finds a usable one.
         """
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         self._staging = True
         try:
-            super()._save_checkpoint(model, trial)
+            with self.saving(run_dir, f"save {name}", final=False, cleanup=[run_dir / STAGING]):
+                super()._save_checkpoint(model, trial)
         finally:
             self._staging = False
         self.accelerator.wait_for_everyone()
-        run_dir = Path(super()._get_output_dir(trial))
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staged, final = run_dir / STAGING / name, run_dir / name
         if self.args.should_save and staged.exists():
             if final.exists():

@@ -16,7 +16,7 @@ import yaml
 from ..config import RunConfig
 from ..errors import TrainingError
 from .callbacks import InterruptCallback, JsonlLogCallback, NonFiniteGuard, ProgressBarCallback, ThroughputTracker
-from .checkpoint import FINAL_STAGING, publish, resolve_resume
+from .checkpoint import FINAL_STAGING, finished_run, publish, resolve_resume
 from .distributed import keep_single_device
 from .resume_world import GlobalBatch, check_resume
 
@@ -101,6 +101,10 @@ def run_train(cfg: RunConfig, *, extra_callbacks: list | None = None) -> TrainOu
     # one process = one GPU (or one model split over them): never torch.nn.DataParallel over the visible GPUs
     keep_single_device(args, split_model=cfg.model.quantization_device_map == "auto")
     output_dir = Path(args.output_dir)
+    finished = finished_run(args)  # resuming a run that already ended: say so, change nothing, exit 0
+    if finished:
+        logger.info(finished)
+        return TrainOutcome(output_dir, _read_json(output_dir / "all_results.json"))
     resume = resolve_resume(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     if resume:  # on any number of GPUs, as long as the global batch is the checkpoint's
         check_resume(resume, args)
@@ -172,38 +176,40 @@ def run_train(cfg: RunConfig, *, extra_callbacks: list | None = None) -> TrainOu
         metrics["train_peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     if interrupt.received:
         ckpt = str(output_dir / f"checkpoint-{trainer.state.global_step}")
-        logger.warning("stopped by %s at step %d; checkpoint %s. Continue with: resume_from_checkpoint=true",
+        logger.warning("stopped by %s at step %d; checkpoint %s. Continue with: resume_from_checkpoint=auto",
                        interrupt.received, trainer.state.global_step, ckpt)
         return TrainOutcome(output_dir, metrics, interrupted=True, checkpoint=ckpt)
 
-    # 6. outputs: weights/adapter + tokenizer, metrics, state, plot, card
-    # written into a staging folder first, then moved file by file: a crash never leaves a half-written adapter
+    # 6. outputs: weights/adapter + tokenizer, metrics, plot, card, predictions; trainer_state.json last, as the
+    # mark of a finished run (see checkpoint.finished_run). The model goes into a staging folder first, then is
+    # moved file by file: a crash never leaves a half-written adapter. A full disk ends with one message.
     staging = output_dir / FINAL_STAGING
-    trainer.save_model(str(staging))
-    if pissa_init_dir:  # pissa_convert: store a plain LoRA (rank 2r) that applies to the original weights
-        model.save_pretrained(str(staging), path_initial_model_for_weight_conversion=pissa_init_dir)
-    trainer.accelerator.wait_for_everyone()
-    if args.should_save:
-        publish(staging, output_dir)
-    trainer.log_metrics("train", metrics)
-    trainer.save_metrics("train", metrics)
-    trainer.save_state()
-    if bundle.eval is not None and (args.eval_strategy != "no" or args.do_eval):
-        eval_metrics = trainer.evaluate()
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-        metrics.update(eval_metrics)
-    if args.should_save:
-        if cfg.finetuning.plot_loss:
-            image = plot_loss(output_dir)
-            if image:
-                logger.info("loss plot: %s", image)
-        write_model_card(cfg, output_dir, metrics, summary_lines)
-    if args.do_predict and trainer.is_world_process_zero():  # one predictions file, written by rank 0
-        from ..evaluate.predict import run_predict
+    with trainer.saving(output_dir, "save the final model", final=True, cleanup=[staging]):
+        trainer.save_model(str(staging))
+        if pissa_init_dir:  # pissa_convert: store a plain LoRA (rank 2r) that applies to the original weights
+            model.save_pretrained(str(staging), path_initial_model_for_weight_conversion=pissa_init_dir)
+        trainer.accelerator.wait_for_everyone()
+        if args.should_save:
+            publish(staging, output_dir)
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        if bundle.eval is not None and (args.eval_strategy != "no" or args.do_eval):
+            eval_metrics = trainer.evaluate()
+            trainer.log_metrics("eval", eval_metrics)
+            trainer.save_metrics("eval", eval_metrics)
+            metrics.update(eval_metrics)
+        if args.should_save:
+            if cfg.finetuning.plot_loss:
+                image = plot_loss(output_dir)
+                if image:
+                    logger.info("loss plot: %s", image)
+            write_model_card(cfg, output_dir, metrics, summary_lines)
+        if args.do_predict and trainer.is_world_process_zero():  # one predictions file, written by rank 0
+            from ..evaluate.predict import run_predict
 
-        fast.restore()  # generate() needs the standard modules (KV cache, padding masks)
-        run_predict(cfg, model=trainer.model, tokenizer=tokenizer)
+            fast.restore()  # generate() needs the standard modules (KV cache, padding masks)
+            run_predict(cfg, model=trainer.model, tokenizer=tokenizer)
+        trainer.save_state()
     if guard.total_skipped:
         logger.warning("%d update(s) skipped because of non-finite loss/gradients (steps %s)",
                        guard.total_skipped, ", ".join(map(str, guard.skipped_steps)))
@@ -229,6 +235,14 @@ def predict_only(config: str | None, overrides: list[str] | None) -> bool:
         return False
     do_train = _flag(raw.get("do_train"))
     return do_train is False or (do_train is None and not raw.get("dataset"))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def check_finished(outcome: TrainOutcome) -> int:
