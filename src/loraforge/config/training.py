@@ -17,8 +17,8 @@ DEEPSPEED_SHORT_NAMES = ("z0", "z2", "z2_offload", "z3", "z3_offload")
 class TrainingArguments(Seq2SeqTrainingArguments):
     """Hugging Face ``Seq2SeqTrainingArguments`` with loraforge defaults and LLaMA-Factory's legacy keys.
 
-    ``warmup_ratio``, ``overwrite_output_dir``, ``save_safetensors`` and ``logging_dir`` were removed from
-    transformers 5; LLaMA-Factory YAMLs still carry them, so they are accepted and mapped here.
+    ``warmup_ratio`` and ``overwrite_output_dir`` were removed from transformers 5; LLaMA-Factory YAMLs still
+    carry them, so they are declared here (``save_safetensors`` and ``logging_dir`` are in ``compat.NEUTRAL_KEYS``).
     """
 
     output_dir: Optional[str] = arg("saves/run", "Where the adapter/model, logs, plots and checkpoints are written.")
@@ -26,9 +26,7 @@ class TrainingArguments(Seq2SeqTrainingArguments):
                      "paged_adamw_32bit, sgd, adafactor, ... (any transformers OptimizerNames value).")
     overwrite_output_dir: bool = arg(False, "Start over in an output_dir that already holds checkpoints "
                                      "(otherwise loraforge stops, or resumes when resume_from_checkpoint is set).")
-    save_safetensors: bool = arg(True, "Save weights as safetensors (always on; accepted for compatibility).")
     warmup_ratio: float = arg(0.0, "Share of total steps used for linear warmup (used when warmup_steps is 0).")
-    logging_dir: Optional[str] = arg(None, "TensorBoard log folder (accepted for compatibility).")
     resume_from_checkpoint: Optional[Union[bool, str]] = arg(
         None, "Resume from this checkpoint folder, or `true` for the newest complete checkpoint in output_dir.")
     nproc_per_node: Optional[int] = arg(None, "Processes (GPUs) per node; >1 relaunches under torchrun.")

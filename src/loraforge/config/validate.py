@@ -106,6 +106,10 @@ def check(cfg: "RunConfig", training: dict[str, Any], purpose: str, *, environme
         eval_strategy = str(training.get("eval_strategy", "no"))
         if eval_strategy != "no" and not (d.val_size > 0 or d.eval_dataset):
             p.append(f"`eval_strategy: {eval_strategy}` needs evaluation data: set `val_size` or `eval_dataset`")
+        sampling = training.get("train_sampling_strategy", "random")
+        if f.disable_shuffling and sampling not in ("random", "sequential"):
+            p.append(f"`disable_shuffling: true` and `train_sampling_strategy: {sampling}` contradict each other; "
+                     "keep one")
         if training.get("load_best_model_at_end") and eval_strategy == "no":
             p.append("`load_best_model_at_end: true` needs an `eval_strategy`")
         max_steps = training.get("max_steps", -1)
@@ -135,8 +139,12 @@ def check(cfg: "RunConfig", training: dict[str, Any], purpose: str, *, environme
         p.append(f"`eval_dataset` (or `dataset` with `val_size`) is required for {purpose}")
     if purpose == "export" and not e.export_dir:
         p.append("`export_dir` is required for export")
-    if g.max_new_tokens <= 0:
-        p.append(f"`max_new_tokens` must be positive, got {g.max_new_tokens}")
+    if g.max_new_tokens <= 0 and g.max_length <= 0:
+        p.append(f"`max_new_tokens: {g.max_new_tokens}` asks for `max_length` to bound generation, but it is "
+                 f"{g.max_length}; set a positive max_new_tokens (or max_length)")
+    elif g.max_new_tokens > 0 and "max_length" in cfg.explicit:  # LLaMA-Factory: max_new_tokens wins
+        cfg.notes.append(f"`max_length` is not used because `max_new_tokens: {g.max_new_tokens}` is positive; set "
+                         "`max_new_tokens: 0` to cap prompt + answer at max_length")
     if g.do_sample and g.temperature <= 0:
         p.append("`do_sample: true` needs `temperature` > 0; use `do_sample: false` for greedy decoding")
     return p
@@ -171,6 +179,8 @@ def adjust_training_values(cfg: "RunConfig", values: dict[str, Any]) -> dict[str
     values["activation_checkpointing" if "activation_checkpointing" in hf_fields else "gradient_checkpointing"] = False
     if "deepspeed" in values:
         values["deepspeed"] = resolve_deepspeed(values["deepspeed"])
+    if cfg.finetuning.disable_shuffling:  # LLaMA-Factory's key for transformers' sequential train sampler
+        values["train_sampling_strategy"] = "sequential"
     if not torch.cuda.is_available():
         for key in ("fp16", "bf16"):
             if values.get(key):
