@@ -33,7 +33,7 @@ def data_dir(tmp_path: Path) -> Path:
 
 def test_token_accuracy_is_next_token_exactness_averaged_over_rows():
     labels = np.array([[-100, 5, 6, 7], [-100, -100, 8, -100]])
-    preds = np.array([[5, 6, 0, 9], [1, 2, 8, 4]])  # row 0: 2 of 3 right; row 1: 1 of 1 (padding ignored)
+    preds = np.array([[5, 6, 0, 9], [1, 8, 3, 4]])  # row 0: 2 of 3 right; row 1: 1 of 1 (padding ignored)
     assert token_accuracy(preds, labels) == pytest.approx((2 / 3 + 1) / 2)
     assert token_accuracy(np.array([[1, 2]]), np.array([[-100, -100]])) == 0.0
     logits = torch.zeros(1, 2, 4)
