@@ -92,3 +92,27 @@ def test_max_length_needs_max_new_tokens_off():
     load_config({**MINIMAL, "max_length": 300, "max_new_tokens": 0}, purpose="chat")
     with pytest.raises(ConfigError, match="set a positive max_new_tokens"):
         load_config({**MINIMAL, "max_new_tokens": 0, "max_length": 0}, purpose="chat")
+
+
+def test_config_imports_nothing_above_it():
+    """config/ is the bottom layer: it may use loraforge.errors, never data/, models/, train/ ..."""
+    for path in sorted((PACKAGE / "config").glob("*.py")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            found = re.match(r"\s*(?:from \.\.(\w+)|(?:from|import) loraforge\.(\w+))", line)
+            if found:
+                assert (found.group(1) or found.group(2)) == "errors", f"config/{path.name}: {line.strip()}"
+
+
+def test_known_template_names_are_passed_in():
+    raw = {**MINIMAL, "template": "qwen4"}
+    load_config(raw, build_training_args=False)  # without the names, data/ reports it when resolving
+    with pytest.raises(ConfigError, match=r"unknown `template: qwen4`; did you mean qwen, qwen3\?"):
+        load_config(raw, build_training_args=False, template_names=["qwen", "qwen3", "llama3"])
+
+
+def test_a_command_that_fails_to_import_is_an_error(monkeypatch):
+    from loraforge import cli
+
+    monkeypatch.setattr(cli, "COMMAND_MODULES", (*cli.COMMAND_MODULES, "loraforge.no_such_command"))
+    with pytest.raises(ModuleNotFoundError, match="loraforge.no_such_command"):
+        cli.build_parser()

@@ -13,8 +13,10 @@ from ..errors import DataError, LoraforgeError
 
 def _config(args: argparse.Namespace):
     from ..config import load_config
+    from .templates import template_names
 
-    return load_config(args.config, getattr(args, "overrides", []), purpose="data", build_training_args=False)
+    return load_config(args.config, getattr(args, "overrides", []), purpose="data", build_training_args=False,
+                       template_names=template_names())
 
 
 def _tokenizer_and_template(cfg):

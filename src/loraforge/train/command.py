@@ -35,13 +35,14 @@ class _KeyHelpAction(argparse.Action):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ..config import load_config
+    from ..data.templates import template_names
     from .launcher import maybe_relaunch
     from .workflow import check_finished, run_train
 
     relaunched = maybe_relaunch(args.config, args.overrides)
     if relaunched is not None:
         return relaunched
-    cfg = load_config(args.config, args.overrides, purpose="train")
+    cfg = load_config(args.config, args.overrides, purpose="train", template_names=template_names())
     return check_finished(run_train(cfg))
 
 

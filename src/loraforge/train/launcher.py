@@ -167,8 +167,9 @@ def maybe_relaunch(config: str, overrides: list[str]) -> int | None:
     if plan is None:
         return None
     from ..config import load_config
+    from ..data.templates import template_names
 
-    load_config(config, overrides, purpose="train", build_training_args=False)
+    load_config(config, overrides, purpose="train", build_training_args=False, template_names=template_names())
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env:  # torchrun would set 1 and warn; share the cores between the processes
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // plan.nproc_per_node))
