@@ -177,10 +177,11 @@ def test_installed_wheel_ships_the_deepspeed_configs(tmp_path):
         assert f"loraforge/resources/deepspeed/{short}.json" in names
 
 
+@pytest.mark.gpu  # DeepSpeed is installed only on the GPU machines (it is no part of the CPU install)
 @pytest.mark.parametrize("name", ["seed", "z3_offload", "z2"])
 def test_hf_trainer_fills_the_auto_values(name, tiny_qwen3_path):
     """With DeepSpeed installed, the Trainer's DeepSpeed config takes batch, clipping and fp16 from the config and
-    keeps the seed's dynamic fp16 loss scaling. (CPU CI has no DeepSpeed: checked where it is installed.)"""
+    keeps the seed's dynamic fp16 loss scaling."""
     pytest.importorskip("deepspeed")
     from transformers import AutoModelForCausalLM, TrainingArguments
 
