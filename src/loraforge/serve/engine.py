@@ -50,9 +50,9 @@ class SamplingParams:
     def from_config(cls, gen: "GeneratingArguments", **changes: Any) -> "SamplingParams":
         """The config's generation settings, with ``changes`` (None values are ignored) on top."""
         params = cls(max_new_tokens=gen.max_new_tokens, max_length=gen.max_length, do_sample=gen.do_sample,
-                     temperature=gen.temperature,
-                     top_p=gen.top_p, top_k=gen.top_k, repetition_penalty=gen.repetition_penalty,
-                     num_beams=gen.num_beams, length_penalty=gen.length_penalty)
+                     temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k,
+                     repetition_penalty=gen.repetition_penalty, num_beams=gen.num_beams,
+                     length_penalty=gen.length_penalty)
         for key, value in changes.items():
             if value is not None:
                 setattr(params, key, value)
