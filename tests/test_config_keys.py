@@ -116,3 +116,13 @@ def test_a_command_that_fails_to_import_is_an_error(monkeypatch):
     monkeypatch.setattr(cli, "COMMAND_MODULES", (*cli.COMMAND_MODULES, "loraforge.no_such_command"))
     with pytest.raises(ModuleNotFoundError, match="loraforge.no_such_command"):
         cli.build_parser()
+
+
+def test_eval_on_each_dataset_needs_named_eval_sets():
+    with pytest.raises(ConfigError, match="`eval_on_each_dataset: true` needs `eval_dataset`"):
+        load_config({**MINIMAL, "eval_on_each_dataset": True, "val_size": 0.1}, build_training_args=False)
+    raw = {**MINIMAL, "eval_on_each_dataset": True, "eval_dataset": "a,b", "eval_strategy": "steps",
+           "load_best_model_at_end": True}
+    with pytest.raises(ConfigError, match="needs `metric_for_best_model: eval_<name>_loss`"):
+        load_config(raw, build_training_args=False)
+    load_config({**raw, "metric_for_best_model": "eval_a_loss"}, build_training_args=False)

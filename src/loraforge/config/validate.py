@@ -142,6 +142,12 @@ def training_problems(cfg: "RunConfig", given: Mapping[str, Any], hf: Mapping[st
                  "keep one")
     if hf["load_best_model_at_end"] and eval_strategy == "no":
         p.append("`load_best_model_at_end: true` needs an `eval_strategy`")
+    if d.eval_on_each_dataset and not d.eval_dataset:
+        p.append("`eval_on_each_dataset: true` needs `eval_dataset` (the sets to evaluate one by one); a "
+                 "`val_size` split is a single set")
+    elif d.eval_on_each_dataset and hf["load_best_model_at_end"] and not given.get("metric_for_best_model"):
+        p.append("`eval_on_each_dataset: true` reports eval_<name>_loss per dataset and no eval_loss, so "
+                 "`load_best_model_at_end` needs `metric_for_best_model: eval_<name>_loss` naming one of them")
     max_steps, epochs = hf["max_steps"], hf["num_train_epochs"]
     if (max_steps is None or max_steps <= 0) and epochs is not None and epochs <= 0:
         p.append("set `num_train_epochs` > 0 or `max_steps` > 0")
