@@ -137,7 +137,10 @@ def training_problems(cfg: "RunConfig", given: Mapping[str, Any], hf: Mapping[st
     if eval_strategy != "no" and not (d.val_size > 0 or d.eval_dataset):
         p.append(f"`eval_strategy: {eval_strategy}` needs evaluation data: set `val_size` or `eval_dataset`")
     sampling = str(_plain(hf.get("train_sampling_strategy", "random")))
-    if f.disable_shuffling and sampling not in ("random", "sequential"):
+    if f.disable_shuffling and "train_sampling_strategy" not in hf:  # added in transformers 5.x (2026)
+        p.append("`disable_shuffling: true` needs a transformers whose TrainingArguments has "
+                 "`train_sampling_strategy`; upgrade it: pip install -U transformers")
+    elif f.disable_shuffling and sampling not in ("random", "sequential"):
         p.append(f"`disable_shuffling: true` and `train_sampling_strategy: {sampling}` contradict each other; "
                  "keep one")
     if hf["load_best_model_at_end"] and eval_strategy == "no":
