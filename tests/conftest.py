@@ -1,4 +1,4 @@
-"""Shared fixtures: the ../shared fixtures (skipped when absent) and the offline built-in models."""
+"""Shared fixtures: the real tokenizer and chat templates in tests/fixtures/, and the offline built-in models."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("LORAFORGE_SHARED", REPO.parent / "shared"))
+# Real tokenizer files and chat templates, kept in the repository (sources and licences in its README).
+FIXTURES = REPO / "tests" / "fixtures"
 
 # Tests build the built-in models once per machine under this folder (CI starts empty each time).
 os.environ.setdefault("LORAFORGE_HOME", str(Path.home() / ".cache" / "loraforge"))
@@ -18,26 +19,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.skip(f"{SHARED} is absent (fixtures shared beside the checkout)")
-    return SHARED
+def qwen3_tokenizer_dir() -> Path:
+    """The official Qwen3-0.6B tokenizer files and config.json."""
+    return FIXTURES / "qwen3-0.6b"
 
 
 @pytest.fixture(scope="session")
-def qwen3_tokenizer_dir(shared_dir: Path) -> Path:
-    path = shared_dir / "fixtures" / "qwen3-0.6b"
-    if not path.is_dir():
-        pytest.skip(f"{path} is absent")
-    return path
-
-
-@pytest.fixture(scope="session")
-def chat_templates_dir(shared_dir: Path) -> Path:
-    path = shared_dir / "fixtures" / "chat_templates"
-    if not path.is_dir():
-        pytest.skip(f"{path} is absent")
-    return path
+def chat_templates_dir() -> Path:
+    """The models' own chat templates, one ``<hub id with - for />.jinja`` file each."""
+    return FIXTURES / "chat_templates"
 
 
 @pytest.fixture(scope="session")

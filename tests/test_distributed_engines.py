@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from loraforge.config import load_config
+from loraforge.config import engines, load_config
 from loraforge.config.training import DEEPSPEED_SHORT_NAMES
 from loraforge.config.validate import resolve_deepspeed
 from loraforge.errors import ConfigError
@@ -35,8 +35,8 @@ def data_dir(tmp_path: Path) -> Path:
 @pytest.fixture()
 def gpu_box(monkeypatch):
     """Pretend to be a 4-GPU machine with DeepSpeed installed (config validation only: nothing runs)."""
-    monkeypatch.setattr(distributed, "cuda_device_count", lambda: 4)
-    monkeypatch.setattr(distributed, "deepspeed_installed", lambda: True)
+    monkeypatch.setattr(engines, "cuda_device_count", lambda: 4)
+    monkeypatch.setattr(engines, "deepspeed_installed", lambda: True)
     monkeypatch.setenv("LORAFORGE_HOST_RAM_GIB", "512")  # and a server's RAM (offload is checked against it)
     for name in ("LOCAL_RANK", "WORLD_SIZE", "FORCE_TORCHRUN"):
         monkeypatch.delenv(name, raising=False)
@@ -96,14 +96,14 @@ def test_short_names_pass_validation(data_dir, gpu_box, name):
 
 
 def test_deepspeed_not_installed_is_a_clear_error(data_dir, monkeypatch):
-    monkeypatch.setattr(distributed, "deepspeed_installed", lambda: False)
+    monkeypatch.setattr(engines, "deepspeed_installed", lambda: False)
     message = _problems(data_dir, deepspeed="z3_offload")
     assert "pip install 'loraforge[deepspeed]'" in message and "`deepspeed: z3_offload`" in message
 
 
 def test_deepspeed_needs_gpus(data_dir, monkeypatch):
-    monkeypatch.setattr(distributed, "deepspeed_installed", lambda: True)
-    monkeypatch.setattr(distributed, "cuda_device_count", lambda: 0)
+    monkeypatch.setattr(engines, "deepspeed_installed", lambda: True)
+    monkeypatch.setattr(engines, "cuda_device_count", lambda: 0)
     assert "DeepSpeed runs on CUDA GPUs and none is visible" in _problems(data_dir, deepspeed="z2")
 
 
@@ -156,8 +156,8 @@ def test_deepspeed_json_problems_name_the_key(data_dir, gpu_box, tmp_path):
 
 
 def test_every_problem_is_reported_at_once(data_dir, monkeypatch):
-    monkeypatch.setattr(distributed, "deepspeed_installed", lambda: False)
-    monkeypatch.setattr(distributed, "cuda_device_count", lambda: 0)
+    monkeypatch.setattr(engines, "deepspeed_installed", lambda: False)
+    monkeypatch.setattr(engines, "cuda_device_count", lambda: 0)
     err = pytest.raises(ConfigError, _check, data_dir, deepspeed="z3", quantization_bit=8, lora_rank=0).value
     assert len(err.problems) >= 4  # lora_rank, not installed, no GPU, 8-bit + ZeRO-3
 
@@ -178,10 +178,11 @@ def test_installed_wheel_ships_the_deepspeed_configs(tmp_path):
         assert f"loraforge/resources/deepspeed/{short}.json" in names
 
 
+@pytest.mark.gpu  # DeepSpeed is installed only on the GPU machines (it is no part of the CPU install)
 @pytest.mark.parametrize("name", ["seed", "z3_offload", "z2"])
 def test_hf_trainer_fills_the_auto_values(name, tiny_qwen3_path):
     """With DeepSpeed installed, the Trainer's DeepSpeed config takes batch, clipping and fp16 from the config and
-    keeps the seed's dynamic fp16 loss scaling. (CPU CI has no DeepSpeed: checked where it is installed.)"""
+    keeps the seed's dynamic fp16 loss scaling."""
     pytest.importorskip("deepspeed")
     from transformers import AutoModelForCausalLM, TrainingArguments
 
@@ -205,8 +206,8 @@ def test_hf_trainer_fills_the_auto_values(name, tiny_qwen3_path):
 
 def test_config_only_validation_skips_the_machine_but_not_the_config(data_dir, monkeypatch):
     """`check_environment=False` (e.g. checking a 4-GPU config on a laptop) still refuses impossible setups."""
-    monkeypatch.setattr(distributed, "deepspeed_installed", lambda: False)
-    monkeypatch.setattr(distributed, "cuda_device_count", lambda: 0)
+    monkeypatch.setattr(engines, "deepspeed_installed", lambda: False)
+    monkeypatch.setattr(engines, "cuda_device_count", lambda: 0)
     base = {"model_name_or_path": "tiny-random-qwen3", "dataset": "d", "dataset_dir": str(data_dir)}
     load_config({**base, "deepspeed": "z3_offload", "quantization_bit": 4, "nproc_per_node": 4}, purpose="train",
                 build_training_args=False, check_environment=False)

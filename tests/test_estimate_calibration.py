@@ -49,13 +49,13 @@ def test_weights_and_optimizer_states_match_measurement(rows):
 def test_loraforge_qlora_preparation_matches_the_calibrated_setup():
     """The table was measured with fp32 norm weights under QLoRA, as loraforge's loader prepares it; if the
     loader changes, the estimator's QLoRA activations (fp32 residual stream) must be re-calibrated."""
-    quantization = pytest.importorskip("loraforge.models.quantization")
-    torch = pytest.importorskip("torch")
+    import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from loraforge.estimate.activations import norms_fp32
     from loraforge.estimate.architectures import BUILTIN_ARCHITECTURES
     from loraforge.estimate.scenario import Scenario
+    from loraforge.models import quantization
 
     config = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=16)

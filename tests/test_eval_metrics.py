@@ -83,7 +83,7 @@ def test_exact_match_and_average():
     assert exact_match("We get 6 * 12 = 72 in total.", "Step by step ... #### 72") == 100.0
     assert exact_match("so \\boxed{71}", "#### 72") == 0.0
     metrics = compute_metrics(["abce", "今天天气不错", "The answer is 72"], ["abcd", "今天天气很好", "#### 72"])
-    per = [similarity_scores(p, l) for p, l in
+    per = [similarity_scores(p, lab) for p, lab in
            [("abce", "abcd"), ("今天天气不错", "今天天气很好"), ("The answer is 72", "#### 72")]]
     for key in ("bleu-4", "rouge-1", "rouge-2", "rouge-l"):
         assert metrics[key] == pytest.approx(sum(s[key] for s in per) / 3)

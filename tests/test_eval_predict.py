@@ -175,3 +175,38 @@ def test_cli_predict(tiny_qwen3_path, data_dir, tmp_path, capsys):
     assert set(json.loads((out / "predict_results.json").read_text())) >= {
         "predict_bleu-4", "predict_rouge-1", "predict_rouge-2", "predict_rouge-l", "predict_sacrebleu",
         "predict_exact_match", "predict_runtime", "predict_samples_per_second"}
+
+
+def test_max_length_caps_each_rows_prompt_plus_answer(tiny_qwen3_path, data_dir, tmp_path, loaded):
+    """max_new_tokens: 0 -> LLaMA-Factory's max_length: every row gets max_length minus its own prompt."""
+    model, tokenizer = loaded
+    out = tmp_path / "run"
+    cfg = make_cfg(tiny_qwen3_path, data_dir, out, max_new_tokens=0, max_length=36)
+    run_predict(cfg, model, tokenizer)
+    rows = _rows(out)
+    lengths = set()
+    for r in rows:
+        ids = tokenizer(r["prompt"], add_special_tokens=False, return_tensors="pt").input_ids
+        lengths.add(ids.shape[1])
+        new = model.generate(ids, max_new_tokens=36 - ids.shape[1], do_sample=False, repetition_penalty=PENALTY,
+                             eos_token_id=[151645, 151643])[0, ids.shape[1]:]
+        new = [t for t in new.tolist() if t not in (151645, 151643)]
+        assert r["predict"] == tokenizer.decode(new, skip_special_tokens=True)
+    assert len(lengths) > 2  # the rows' budgets really differ
+
+
+def test_eval_num_beams_sets_the_beam_width(tiny_qwen3_path, data_dir, tmp_path, loaded, monkeypatch):
+    import loraforge.evaluate.predict as predict
+
+    widths = []
+    real = predict.generate_batch
+
+    def spy(model, prompts, params, **kw):
+        widths.append(params.generate_kwargs().get("num_beams", 1))
+        return real(model, prompts, params, **kw)
+
+    monkeypatch.setattr(predict, "generate_batch", spy)
+    model, tokenizer = loaded
+    run_predict(make_cfg(tiny_qwen3_path, data_dir, tmp_path / "a", eval_num_beams=2), model, tokenizer)
+    run_predict(make_cfg(tiny_qwen3_path, data_dir, tmp_path / "b", num_beams=3), model, tokenizer)
+    assert widths == [2, 2, 2, 3, 3, 3]  # 7 rows in batches of 3; eval_num_beams unset -> num_beams

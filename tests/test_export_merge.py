@@ -111,3 +111,17 @@ def test_qlora_adapter_merges_into_16bit_reload(tiny_qwen3_path: Path, adapters,
     assert (got - expected).abs().max() < 0.01  # bf16 rounding of the merged weight
     card = (out / "README.md").read_text()
     assert "QLoRA on a 4-bit base" in card and "model.safetensors" in card
+
+
+def test_export_device_chooses_where_merging_runs(tiny_qwen3_path: Path, monkeypatch):
+    from loraforge.export.merge import load_base_model, merge_device
+
+    assert merge_device("cpu") == "cpu"
+    assert merge_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert (merge_device("auto"), merge_device("cpu")) == ("cuda", "cpu")
+    monkeypatch.undo()
+    cfg = load_config({"model_name_or_path": str(tiny_qwen3_path), "export_dir": "x", "export_device": "auto"},
+                      purpose="export")
+    model = load_base_model(cfg, None, "float32", None)
+    assert next(model.parameters()).device.type == merge_device("auto")

@@ -271,8 +271,9 @@ def _llama3_like_tokenizer(base):
 @pytest.mark.parametrize("name", ["smollm2", "qwen", "qwen3", "chatml", "llama3"])
 def test_loraforge_training_templates(qwen_tokenizer, smollm2_path: Path, name):
     """The chat templates loraforge trains with (and saves with the adapter) get an exact Go equivalent."""
-    templates = pytest.importorskip("loraforge.data.templates")
     from transformers import AutoTokenizer
+
+    from loraforge.data import templates
 
     # SmolLM2's tokenizer names <|im_start|> as its BOS without adding it: the template must not be clipped.
     tok = AutoTokenizer.from_pretrained(str(smollm2_path)) if name == "smollm2" else qwen_tokenizer

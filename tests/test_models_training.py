@@ -197,3 +197,21 @@ def test_attention_choice(tmp_path: Path):
     assert model.get_base_model().config._attn_implementation == "eager"
     _, _, model = make(tmp_path, flash_attn="sdpa")
     assert model.get_base_model().config._attn_implementation == "sdpa"
+
+
+def test_offload_folder_goes_with_an_auto_device_map(tmp_path: Path, monkeypatch):
+    """accelerate offloads what fits in no memory into `offload_folder`; only an `auto` device map offloads."""
+    import transformers
+
+    seen = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("offload_folder"))
+        kwargs.pop("device_map", None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    make(tmp_path, quantization_device_map="auto", offload_folder=str(tmp_path / "off"))
+    make(tmp_path, offload_folder=str(tmp_path / "off"))
+    assert seen == [str(tmp_path / "off"), None]

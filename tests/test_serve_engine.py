@@ -105,6 +105,18 @@ def test_context_length_checks(tokenizer, template):
         engine.fit_params(engine.encode([Message("user", "word " * 60)]), SamplingParams())
 
 
+def test_max_length_bounds_prompt_plus_answer_when_max_new_tokens_is_off(tokenizer, template):
+    engine = _engine(tokenizer, template, ["x"], context=40)
+    prompt = engine.encode([Message("user", "hi")])
+    off = SamplingParams(max_new_tokens=0, max_length=len(prompt) + 5)
+    assert engine.fit_params(prompt, off).max_new_tokens == 5
+    assert off.generate_kwargs()["max_length"] == len(prompt) + 5 and "max_new_tokens" not in off.generate_kwargs()
+    on = SamplingParams(max_new_tokens=3, max_length=len(prompt) + 5)  # LLaMA-Factory: max_new_tokens wins
+    assert on.new_token_budget(len(prompt)) == 3 and "max_length" not in on.generate_kwargs()
+    with pytest.raises(ContextLengthError, match="raise `max_length`"):
+        SamplingParams(max_new_tokens=0, max_length=len(prompt)).new_token_budget(len(prompt))
+
+
 def test_terminal_chat_history_clear_think_and_exit(tokenizer, template):
     replies = ["<think>\nhmm\n</think>\n\nHello!", "Fine.", "Again."]
     engine = _engine(tokenizer, template, replies, default_system="Be nice.")

@@ -1,7 +1,8 @@
 """LLaMA-Factory keys for features loraforge does not have yet, and renamed keys.
 
 A key listed in :data:`NEUTRAL_KEYS` is accepted when it holds its neutral value (so LLaMA-Factory YAMLs load
-unchanged) and rejected with a clear message otherwise, instead of being silently ignored.
+unchanged) and rejected with a clear message otherwise, instead of being silently ignored. Such a key is never
+also a dataclass field: every declared field is used (tests/test_config_keys.py walks them all).
 """
 
 from __future__ import annotations
@@ -33,7 +34,34 @@ NEUTRAL_KEYS: dict[str, tuple[tuple, str]] = {
     "pref_loss": (("sigmoid", None), "preference training (DPO/KTO)"),
     "early_stopping_steps": ((None,), "early stopping"),
     "export_quantization_bit": ((None,), "GPTQ export (use export_format: gguf)"),
+    "export_quantization_dataset": ((None,), "GPTQ export (use export_format: gguf)"),
+    "export_quantization_nsamples": ((128, None), "GPTQ export (use export_format: gguf)"),
+    "export_quantization_maxlen": ((1024, None), "GPTQ export (use export_format: gguf)"),
+    "export_legacy_format": ((False, None), ".bin exports (loraforge always writes safetensors)"),
     "vllm_enforce_eager": ((False, None), "the vLLM backend"),
+    "infer_backend": (("huggingface", "hf", None), "the vLLM/SGLang inference backends"),
+    "om_hub_token": ((None,), "the Modelers (openMind) hub"),
+    "adapter_folder": ((None,), "a separate adapter folder (list adapters in adapter_name_or_path)"),
+    # transformers 5 always loads weights with low host memory and ignores this flag
+    "low_cpu_mem_usage": ((True, None), "loading with full host memory (transformers 5 always loads lazily)"),
+    "save_safetensors": ((True, None), ".bin checkpoints (loraforge always writes safetensors)"),
+    # transformers 5 takes the TensorBoard folder from TENSORBOARD_LOGGING_DIR, not from the arguments
+    "logging_dir": ((None,), "a TensorBoard folder from the config (set TENSORBOARD_LOGGING_DIR)"),
+    # loraforge reads dataset files fully and shuffles them whole, so there is no streaming shuffle buffer
+    "buffer_size": ((16384, None), "a streaming shuffle buffer"),
+    "media_dir": ((None,), "image/video inputs"),
+    "image_max_pixels": ((768 * 768, None), "image/video inputs"),
+    "image_min_pixels": ((32 * 32, None), "image/video inputs"),
+    "video_max_pixels": ((256 * 256, None), "image/video inputs"),
+    "video_min_pixels": ((16 * 16, None), "image/video inputs"),
+    "video_fps": ((2.0, None), "image/video inputs"),
+    "video_maxlen": ((128, None), "image/video inputs"),
+}
+
+# LLaMA-Factory key -> the transformers training argument config/ turns it into (nothing else reads the key)
+TRANSLATED_KEYS: dict[str, str] = {
+    "warmup_ratio": "warmup_steps",
+    "disable_shuffling": "train_sampling_strategy",
 }
 
 # old name -> current name

@@ -14,7 +14,8 @@ class ExportArguments:
     export_format: str = arg("safetensors", "What to write: merged safetensors, GGUF, or both.",
                              ("safetensors", "gguf", "both"))
     export_size: int = arg(5, "Shard size of exported safetensors, in GB.")
-    export_device: str = arg("cpu", "Device used to merge.", ("cpu", "auto"))
+    export_device: str = arg("cpu", "Where adapters are merged: cpu, or auto (the GPU when there is one).",
+                             ("cpu", "auto"))
     export_dtype: str = arg("auto", "Dtype of merged weights.", ("auto", "float16", "bfloat16", "float32"))
     export_quantization: str = arg("f16", "GGUF tensor type.",
                                    ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"))
@@ -24,8 +25,3 @@ class ExportArguments:
     export_hub_model_id: Optional[str] = arg(None, "Repository to upload the export to.")
     export_hub_private: bool = arg(True, "Create the uploaded repository as private.")
     export_hub: str = arg("huggingface", "Where to upload.", ("huggingface", "modelscope"))
-    export_legacy_format: bool = arg(False, "Write .bin instead of safetensors (accepted; not recommended).")
-    export_quantization_bit: Optional[int] = arg(None, "GPTQ export quantization (not supported; use GGUF).")
-    export_quantization_dataset: Optional[str] = arg(None, "GPTQ calibration data (not supported).")
-    export_quantization_nsamples: int = arg(128, "GPTQ calibration samples (not supported).")
-    export_quantization_maxlen: int = arg(1024, "GPTQ calibration length (not supported).")

@@ -15,9 +15,10 @@ class FinetuningArguments:
     finetuning_type: str = arg("lora", "What is trained.", ("lora", "freeze", "full"))
     pure_bf16: bool = arg(False, "Keep the whole model in bf16 (no fp32 master weights).")
     plot_loss: bool = arg(False, "Write training_loss.png (raw and smoothed loss, eval loss).")
-    compute_accuracy: bool = arg(False, "Report token accuracy during evaluation.")
-    disable_shuffling: bool = arg(False, "Do not shuffle the training data.")
-    include_effective_tokens_per_second: bool = arg(False, "Report effective (non-pad) tokens/s in results.")
+    compute_accuracy: bool = arg(False, "Report eval_accuracy: the share of label tokens the model predicts exactly.")
+    disable_shuffling: bool = arg(False, "Train on the examples in dataset order (sequential sampler, no shuffling).")
+    include_effective_tokens_per_second: bool = arg(
+        False, "Add effective_tokens_per_sec (non-padding tokens trained per second, per process) to the results.")
     # lora
     lora_rank: int = arg(8, "LoRA rank r.")
     lora_alpha: Optional[int] = arg(None, "LoRA alpha (default: 2 x lora_rank).")

@@ -15,8 +15,9 @@ class GeneratingArguments:
     top_p: float = arg(0.7, "Nucleus sampling mass (only with do_sample).")
     top_k: int = arg(50, "Top-k sampling (only with do_sample).")
     num_beams: int = arg(1, "Beam search width (1 = no beam search).")
-    max_length: int = arg(1024, "Maximum total length (prompt + answer); max_new_tokens takes precedence.")
-    max_new_tokens: int = arg(1024, "Maximum number of generated tokens.")
+    max_length: int = arg(1024, "Cap on prompt + answer tokens, used when max_new_tokens is 0 or less "
+                          "(LLaMA-Factory's rule: a positive max_new_tokens takes precedence).")
+    max_new_tokens: int = arg(1024, "Maximum number of generated tokens (0 or less: use max_length instead).")
     repetition_penalty: float = arg(1.0, "Penalty for repeated tokens (1.0 = none).")
     length_penalty: float = arg(1.0, "Length penalty for beam search.")
     skip_special_tokens: bool = arg(True, "Remove special tokens from decoded text.")

@@ -15,7 +15,6 @@ class ModelArguments:
         "smollm2-135m-instruct, tiny-random-qwen3.")
     adapter_name_or_path: Optional[str] = arg(
         None, "One or more LoRA adapters (comma-separated paths) applied on top of the base model.")
-    adapter_folder: Optional[str] = arg(None, "Folder holding extra adapters (accepted for compatibility).")
     cache_dir: Optional[str] = arg(None, "Where downloaded models and converted built-in models are stored.")
     model_revision: str = arg("main", "Model revision (branch, tag or commit) on the hub.")
     use_fast_tokenizer: bool = arg(True, "Use the fast (Rust) tokenizer.")
@@ -23,7 +22,6 @@ class ModelArguments:
     split_special_tokens: bool = arg(False, "Tokenize special tokens as plain text (split them).")
     add_tokens: Optional[str] = arg(None, "Comma-separated normal tokens to add to the tokenizer.")
     add_special_tokens: Optional[str] = arg(None, "Comma-separated special tokens to add to the tokenizer.")
-    low_cpu_mem_usage: bool = arg(True, "Load weights with low host memory use.")
     rope_scaling: Optional[str] = arg(None, "RoPE scaling to extend the context.", ("linear", "dynamic", "yarn", "llama3"))
     flash_attn: str = arg("auto", "Attention kernel: auto, sdpa, fa2 (flash-attention 2), disabled (eager).",
                           ("auto", "disabled", "sdpa", "fa2"))
@@ -35,10 +33,9 @@ class ModelArguments:
     trust_remote_code: bool = arg(False, "Allow model code from the hub to run (needed by some architectures).")
     hf_hub_token: Optional[str] = arg(None, "Hugging Face token (default: HF_TOKEN from the environment).")
     ms_hub_token: Optional[str] = arg(None, "ModelScope token (default: MODELSCOPE_API_TOKEN).")
-    om_hub_token: Optional[str] = arg(None, "Modelers token (accepted for compatibility).")
-    infer_backend: str = arg("huggingface", "Inference backend for predict/chat/api.", ("huggingface", "hf"))
     infer_dtype: str = arg("auto", "Dtype for inference.", ("auto", "float16", "bfloat16", "float32"))
-    offload_folder: str = arg("offload", "Folder for weights offloaded to disk during loading.")
+    offload_folder: str = arg("offload", "Folder for weights that `quantization_device_map: auto` offloads to disk "
+                              "when they fit in neither GPU nor CPU memory.")
     use_cache: bool = arg(True, "Use the KV cache in generation.")
     print_param_status: bool = arg(False, "Print every parameter's name, dtype and trainability.")
     # quantization
@@ -47,12 +44,5 @@ class ModelArguments:
     quantization_type: str = arg("nf4", "4-bit data type.", ("nf4", "fp4"))
     double_quantization: bool = arg(True, "Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).")
     quantization_device_map: Optional[str] = arg(None, "Device map for quantized loading ('auto' to spread).")
-    # multimodal / vision keys that LLaMA-Factory text configs may carry
-    image_max_pixels: int = arg(768 * 768, "Accepted for compatibility (no vision models yet).")
-    image_min_pixels: int = arg(32 * 32, "Accepted for compatibility (no vision models yet).")
-    video_max_pixels: int = arg(256 * 256, "Accepted for compatibility (no vision models yet).")
-    video_min_pixels: int = arg(16 * 16, "Accepted for compatibility (no vision models yet).")
-    video_fps: float = arg(2.0, "Accepted for compatibility (no vision models yet).")
-    video_maxlen: int = arg(128, "Accepted for compatibility (no vision models yet).")
     # memory estimate shown before training
     estimate_gpu: Optional[str] = arg(None, "GPU name for the pre-training memory check (default: detected).")

@@ -13,7 +13,7 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import yaml
 
@@ -25,7 +25,8 @@ from .export import ExportArguments
 from .finetuning import FinetuningArguments
 from .generation import GeneratingArguments
 from .model import ModelArguments
-from .training import TrainingArguments
+from .training import TrainingArguments, adjust_training_values
+from .validate import check
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +160,7 @@ def load_config(
     purpose: str = "train",
     build_training_args: bool = True,
     check_environment: bool = True,
+    template_names: Collection[str] | None = None,
 ) -> RunConfig:
     """Build and validate the run config. Raises :class:`ConfigError` listing every problem at once.
 
@@ -166,6 +168,8 @@ def load_config(
     ``build_training_args=False`` skips constructing the HF ``TrainingArguments`` (which initialises devices),
     e.g. to decide on a torchrun relaunch first. ``check_environment=False`` validates the config alone
     (e.g. a 4-GPU DeepSpeed config on a laptop), without asking whether this machine can run it.
+    ``template_names`` (the registered chat templates, ``data.templates.known_template_names()``, aliases included) lets an unknown
+    ``template`` be reported here with the closest names; config/ does not import the data layer itself.
     """
     if purpose not in PURPOSES:
         raise ValueError(f"unknown purpose {purpose!r}")
@@ -232,9 +236,7 @@ def load_config(
     groups = {g: GROUPS[g](**values[g]) for g in GROUPS if g != "training"}
     cfg = RunConfig(training=None, purpose=purpose, source=source, explicit=explicit, notes=notes, **groups)
 
-    from .validate import check  # late import: validate reads the other packages' registries
-
-    problems += check(cfg, values["training"], purpose, environment=check_environment)
+    problems += check(cfg, values["training"], purpose, environment=check_environment, template_names=template_names)
     if problems:
         raise ConfigError(problems, source=source)
     if build_training_args:
@@ -246,8 +248,6 @@ def load_config(
 
 def build_training_arguments(cfg: RunConfig, values: dict[str, Any]) -> TrainingArguments:
     """Construct the HF training arguments; its own errors come back as a :class:`ConfigError`."""
-    from .validate import adjust_training_values
-
     values = adjust_training_values(cfg, dict(values))
     try:
         return TrainingArguments(**values)

@@ -1,45 +1,60 @@
-"""Cross-field checks that run before any model is loaded. Each problem names the keys as the user typed them."""
+"""Cross-field checks that run before any model is loaded, one function per argument group.
+
+Each problem names the keys as the user typed them and says what to change. Training values are the HF keys as
+given, read through :func:`.engines.training_defaults` for the ones left out, so no Hugging Face default is
+restated here. This module imports nothing above ``config/``: the known template names come in as an argument.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import logging
+import difflib
 import os
+from collections import ChainMap
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Collection, Mapping
 
+from .engines import distributed_problems, resolve_deepspeed, training_defaults  # noqa: F401 - re-exported
 from .finetuning import micro_batch_tokens_setting
-from .training import DEEPSPEED_SHORT_NAMES, TrainingArguments
+from .training import adjust_training_values  # noqa: F401 - re-exported for existing importers
 
 if TYPE_CHECKING:
+    from .data import DataArguments
+    from .export import ExportArguments
+    from .generation import GeneratingArguments
     from .parser import RunConfig
-
-logger = logging.getLogger(__name__)
 
 BUILTIN_MODELS = ("smollm2-135m-instruct", "tiny-random-qwen3")
 SUPPORTED_STAGES = ("sft", "pt")
 
 
-def _known_template(name: str) -> tuple[bool, list[str]]:
-    try:
-        from ..data.templates import known_template_names
-    except ImportError:  # the data package is not importable: leave the check to run time
-        return True, []
-    names = known_template_names()
-    return name in names, names
-
-
-def check(cfg: "RunConfig", training: dict[str, Any], purpose: str, *, environment: bool = True) -> list[str]:
+def check(cfg: "RunConfig", training: dict[str, Any], purpose: str, *, environment: bool = True,
+          template_names: Collection[str] | None = None) -> list[str]:
     """Return every cross-field problem of ``cfg`` for ``purpose``; empty when the config is usable.
 
     ``environment=False`` checks the config alone, not whether this machine can run it (GPUs, DeepSpeed).
+    ``template_names``: the registered chat templates; None leaves an unknown `template` to be reported when
+    the template is resolved (data/), still before any weight loads.
     """
-    p: list[str] = []
-    m, d, f, g, e = cfg.model, cfg.data, cfg.finetuning, cfg.generation, cfg.export
+    hf = ChainMap(training, training_defaults())
+    return (model_problems(cfg)
+            + finetuning_problems(cfg, purpose)
+            + data_problems(cfg.data, purpose, hf, template_names)
+            + training_problems(cfg, training, hf, purpose, environment=environment)
+            + generation_problems(cfg.generation, cfg)
+            + export_problems(cfg.export, purpose))
+
+
+def model_problems(cfg: "RunConfig") -> list[str]:
+    m = cfg.model
     if not m.model_name_or_path:
-        p.append("`model_name_or_path` is required: a local folder, a hub id, or a built-in name "
-                 f"({', '.join(BUILTIN_MODELS)})")
-    # fine-tuning method
+        return ["`model_name_or_path` is required: a local folder, a hub id, or a built-in name "
+                f"({', '.join(BUILTIN_MODELS)})"]
+    return []
+
+
+def finetuning_problems(cfg: "RunConfig", purpose: str) -> list[str]:
+    m, f = cfg.model, cfg.finetuning
+    p: list[str] = []
     if purpose == "train" and f.stage not in SUPPORTED_STAGES:
         p.append(f"`stage: {f.stage}` is not supported yet; loraforge trains `sft` and `pt`")
     if m.quantization_bit is not None and f.finetuning_type != "lora":
@@ -68,18 +83,12 @@ def check(cfg: "RunConfig", training: dict[str, Any], purpose: str, *, environme
         p.append("`create_new_adapter: true` needs `adapter_name_or_path` (the adapter to build on)")
     if m.adapter_name_or_path and f.finetuning_type != "lora":
         p.append(f"`adapter_name_or_path` needs `finetuning_type: lora`, got `{f.finetuning_type}`")
-    # precision
-    fp16 = bool(training.get("fp16", False))
-    bf16 = bool(training.get("bf16", False))
-    if fp16 and bf16:
-        p.append("`fp16: true` and `bf16: true` are both set; choose one (bf16 on Ampere or newer, fp16 on T4/V100)")
-    if f.pure_bf16 and fp16:
-        p.append("`pure_bf16: true` cannot be combined with `fp16: true`")
-    # gradient checkpointing: HF's key and LLaMA-Factory's negative one must agree
-    gc = training.get("gradient_checkpointing")
-    if gc is True and m.disable_gradient_checkpointing:
-        p.append("`gradient_checkpointing: true` and `disable_gradient_checkpointing: true` contradict each other")
-    # data
+    return p
+
+
+def data_problems(d: "DataArguments", purpose: str, hf: Mapping[str, Any],
+                  template_names: Collection[str] | None) -> list[str]:
+    p: list[str] = []
     if d.cutoff_len <= 0:
         p.append(f"`cutoff_len` must be positive, got {d.cutoff_len}")
     if d.val_size < 0:
@@ -97,93 +106,88 @@ def check(cfg: "RunConfig", training: dict[str, Any], purpose: str, *, environme
     if d.template and d.prompt_template:
         p.append("`template` and `prompt_template` are both set; a plain-text prompt_template replaces the chat "
                  "template, so keep one")
-    if d.template and not d.template.endswith((".yaml", ".yml")):
-        ok, names = _known_template(d.template)
-        if not ok:
-            import difflib
-            close = difflib.get_close_matches(d.template, names, n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(sorted(names))}"
-            p.append(f"unknown `template: {d.template}`{hint}")
-    if purpose == "train":
-        if training.get("do_train", True) is not False and not d.dataset:
-            p.append("`dataset` is required for training: name(s) registered in "
-                     f"{os.path.join(d.dataset_dir, 'dataset_info.json')}")
-        eval_strategy = str(training.get("eval_strategy", "no"))
-        if eval_strategy != "no" and not (d.val_size > 0 or d.eval_dataset):
-            p.append(f"`eval_strategy: {eval_strategy}` needs evaluation data: set `val_size` or `eval_dataset`")
-        if training.get("load_best_model_at_end") and eval_strategy == "no":
-            p.append("`load_best_model_at_end: true` needs an `eval_strategy`")
-        max_steps = training.get("max_steps", -1)
-        epochs = training.get("num_train_epochs", 3.0)
-        if (max_steps is None or max_steps <= 0) and epochs is not None and epochs <= 0:
-            p.append("set `num_train_epochs` > 0 or `max_steps` > 0")
-        for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
-            if key in training and training[key] is not None and training[key] <= 0:
-                p.append(f"`{key}` must be positive, got {training[key]}")
-        lr = training.get("learning_rate")
-        if lr is not None and lr <= 0:
-            p.append(f"`learning_rate` must be positive, got {lr}")
-        if (training.get("save_strategy", "steps") == "steps"
-                and training.get("save_steps", 500) is not None and training.get("save_steps", 500) <= 0):
-            p.append("`save_steps` must be positive with `save_strategy: steps`")
-        ds = training.get("deepspeed")
-        if isinstance(ds, str) and ds not in DEEPSPEED_SHORT_NAMES and not Path(ds).is_file():
-            p.append(f"`deepspeed: {ds}` is neither a JSON file nor a short name ({', '.join(DEEPSPEED_SHORT_NAMES)})")
-        from ..train.distributed import distributed_problems  # multi-GPU setups refused before launch
-
-        p += distributed_problems(cfg, training, environment=environment)  # environment: GPUs, DeepSpeed installed
-        resume = training.get("resume_from_checkpoint")
-        if isinstance(resume, str) and resume.lower() not in ("true", "last", "auto") and not Path(resume).is_dir():
-            p.append(f"`resume_from_checkpoint: {resume}` is not a folder; give a checkpoint folder, `true` for the "
-                     "newest checkpoint in output_dir, or `auto` to resume when there is one and start fresh otherwise")
+    if d.template and template_names is not None and not d.template.endswith((".yaml", ".yml")) \
+            and d.template not in template_names:
+        close = difflib.get_close_matches(d.template, list(template_names), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(sorted(template_names))}"
+        p.append(f"unknown `template: {d.template}`{hint}")
+    if purpose == "train" and hf.get("do_train") is not False and not d.dataset:  # loraforge trains unless told not to
+        p.append("`dataset` is required for training: name(s) registered in "
+                 f"{os.path.join(d.dataset_dir, 'dataset_info.json')}")
     if purpose in ("predict", "eval") and not (d.eval_dataset or d.dataset):
         p.append(f"`eval_dataset` (or `dataset` with `val_size`) is required for {purpose}")
-    if purpose == "export" and not e.export_dir:
-        p.append("`export_dir` is required for export")
-    if g.max_new_tokens <= 0:
-        p.append(f"`max_new_tokens` must be positive, got {g.max_new_tokens}")
+    return p
+
+
+def _plain(value: Any) -> Any:
+    """An enum default (IntervalStrategy.NO) as the string a user would write ("no")."""
+    return getattr(value, "value", value)
+
+
+def training_problems(cfg: "RunConfig", given: Mapping[str, Any], hf: Mapping[str, Any], purpose: str, *,
+                      environment: bool) -> list[str]:
+    """Precision and checkpointing always; the rest (schedule, evaluation, engines, resume) when training."""
+    d, f = cfg.data, cfg.finetuning
+    p: list[str] = []
+    if hf["fp16"] and hf["bf16"]:
+        p.append("`fp16: true` and `bf16: true` are both set; choose one (bf16 on Ampere or newer, fp16 on T4/V100)")
+    if f.pure_bf16 and hf["fp16"]:
+        p.append("`pure_bf16: true` cannot be combined with `fp16: true`")
+    # HF's key and LLaMA-Factory's negative one must agree
+    if given.get("gradient_checkpointing") is True and cfg.model.disable_gradient_checkpointing:
+        p.append("`gradient_checkpointing: true` and `disable_gradient_checkpointing: true` contradict each other")
+    if purpose != "train":
+        return p
+    eval_strategy = str(_plain(hf["eval_strategy"]))
+    if eval_strategy != "no" and not (d.val_size > 0 or d.eval_dataset):
+        p.append(f"`eval_strategy: {eval_strategy}` needs evaluation data: set `val_size` or `eval_dataset`")
+    sampling = str(_plain(hf.get("train_sampling_strategy", "random")))
+    if f.disable_shuffling and "train_sampling_strategy" not in hf:  # added in transformers 5.x (2026)
+        p.append("`disable_shuffling: true` needs a transformers whose TrainingArguments has "
+                 "`train_sampling_strategy`; upgrade it: pip install -U transformers")
+    elif f.disable_shuffling and sampling not in ("random", "sequential"):
+        p.append(f"`disable_shuffling: true` and `train_sampling_strategy: {sampling}` contradict each other; "
+                 "keep one")
+    if hf["load_best_model_at_end"] and eval_strategy == "no":
+        p.append("`load_best_model_at_end: true` needs an `eval_strategy`")
+    if d.eval_on_each_dataset and not d.eval_dataset:
+        p.append("`eval_on_each_dataset: true` needs `eval_dataset` (the sets to evaluate one by one); a "
+                 "`val_size` split is a single set")
+    elif d.eval_on_each_dataset and hf["load_best_model_at_end"] and not given.get("metric_for_best_model"):
+        p.append("`eval_on_each_dataset: true` reports eval_<name>_loss per dataset and no eval_loss, so "
+                 "`load_best_model_at_end` needs `metric_for_best_model: eval_<name>_loss` naming one of them")
+    max_steps, epochs = hf["max_steps"], hf["num_train_epochs"]
+    if (max_steps is None or max_steps <= 0) and epochs is not None and epochs <= 0:
+        p.append("set `num_train_epochs` > 0 or `max_steps` > 0")
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        if hf[key] is not None and hf[key] <= 0:
+            p.append(f"`{key}` must be positive, got {hf[key]}")
+    if hf["learning_rate"] is not None and hf["learning_rate"] <= 0:
+        p.append(f"`learning_rate` must be positive, got {hf['learning_rate']}")
+    if str(_plain(hf["save_strategy"])) == "steps" and hf["save_steps"] is not None and hf["save_steps"] <= 0:
+        p.append("`save_steps` must be positive with `save_strategy: steps`")
+    p += distributed_problems(cfg, given, environment=environment)  # DeepSpeed/FSDP refused before launch
+    resume = hf["resume_from_checkpoint"]
+    if isinstance(resume, str) and resume.lower() not in ("true", "last", "auto") and not Path(resume).is_dir():
+        p.append(f"`resume_from_checkpoint: {resume}` is not a folder; give a checkpoint folder, `true` for the "
+                 "newest checkpoint in output_dir, or `auto` to resume when there is one and start fresh otherwise")
+    return p
+
+
+def generation_problems(g: "GeneratingArguments", cfg: "RunConfig") -> list[str]:
+    p: list[str] = []
+    if g.max_new_tokens <= 0 and g.max_length <= 0:
+        p.append(f"`max_new_tokens: {g.max_new_tokens}` asks for `max_length` to bound generation, but it is "
+                 f"{g.max_length}; set a positive max_new_tokens (or max_length)")
+    elif g.max_new_tokens > 0 and "max_length" in cfg.explicit:  # LLaMA-Factory: max_new_tokens wins
+        cfg.notes.append(f"`max_length` is not used because `max_new_tokens: {g.max_new_tokens}` is positive; set "
+                         "`max_new_tokens: 0` to cap prompt + answer at max_length")
     if g.do_sample and g.temperature <= 0:
         p.append("`do_sample: true` needs `temperature` > 0; use `do_sample: false` for greedy decoding")
     return p
 
 
-def resolve_deepspeed(value: str | dict | None) -> str | dict | None:
-    """Turn a short name (z2, z3_offload, ...) into the path of the JSON shipped with loraforge."""
-    if isinstance(value, str) and value in DEEPSPEED_SHORT_NAMES:
-        from importlib import resources
-
-        return str(resources.files("loraforge") / "resources" / "deepspeed" / f"{value}.json")
-    return value
-
-
-def adjust_training_values(cfg: "RunConfig", values: dict[str, Any]) -> dict[str, Any]:
-    """Fill loraforge defaults into the HF training values and adapt them to the machine (e.g. no GPU)."""
-    import torch
-
-    values.setdefault("output_dir", "saves/run")
-    values.setdefault("report_to", "none")
-    values.setdefault("logging_steps", 10)
-    values.setdefault("include_num_input_tokens_seen", "non_padding")  # tokens seen and tokens/s in the log
-    if cfg.purpose == "train":
-        values.setdefault("do_train", True)
-    # Gradient checkpointing is applied by loraforge's model loader (so it works with QLoRA and adapters);
-    # the Trainer must not apply it a second time.
-    for key in ("gradient_checkpointing", "activation_checkpointing"):
-        if values.pop(key, None) is False:
-            cfg.model.disable_gradient_checkpointing = True
-    # transformers >= 5.2x renamed gradient_checkpointing to activation_checkpointing; set whichever exists
-    hf_fields = {f.name for f in dataclasses.fields(TrainingArguments)}
-    values["activation_checkpointing" if "activation_checkpointing" in hf_fields else "gradient_checkpointing"] = False
-    if "deepspeed" in values:
-        values["deepspeed"] = resolve_deepspeed(values["deepspeed"])
-    if not torch.cuda.is_available():
-        for key in ("fp16", "bf16"):
-            if values.get(key):
-                cfg.notes.append(f"no CUDA GPU: `{key}: true` turned off, training runs in fp32 on the CPU")
-                values[key] = False
-        if values.get("optim", "adamw_torch") in ("adamw_torch_fused",):
-            values["optim"] = "adamw_torch"
-        values["use_cpu"] = True
-    values.setdefault("remove_unused_columns", False)
-    values.setdefault("label_names", ["labels"])
-    return values
+def export_problems(e: "ExportArguments", purpose: str) -> list[str]:
+    if purpose == "export" and not e.export_dir:
+        return ["`export_dir` is required for export"]
+    return []

@@ -108,6 +108,9 @@ def build_collator(cfg, tokenizer):
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    # LLaMA-Factory's ignore_pad_token_for_loss: false trains the model to predict padding too
+    label_pad = IGNORE_INDEX if cfg.data.ignore_pad_token_for_loss else pad_id
     if cfg.data.neat_packing:
-        return NeatPackingCollator(pad_token_id=pad_id, flatten=_flash_attention_possible(cfg.model.flash_attn))
-    return PaddingCollator(pad_token_id=pad_id)
+        return NeatPackingCollator(pad_token_id=pad_id, flatten=_flash_attention_possible(cfg.model.flash_attn),
+                                   label_pad_token_id=label_pad)
+    return PaddingCollator(pad_token_id=pad_id, label_pad_token_id=label_pad)

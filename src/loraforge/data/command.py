@@ -14,8 +14,10 @@ from ..errors import DataError, LoraforgeError
 
 def _config(args: argparse.Namespace):
     from ..config import load_config
+    from .templates import known_template_names
 
-    return load_config(args.config, getattr(args, "overrides", []), purpose="data", build_training_args=False)
+    return load_config(args.config, getattr(args, "overrides", []), purpose="data", build_training_args=False,
+                       template_names=known_template_names())
 
 
 def _tokenizer_and_template(cfg):

@@ -212,6 +212,19 @@ def _tokenize(convs: list[Conversation], split: str, cfg, tokenizer, template, r
     return packed.to_dataset(position_ids=positions)
 
 
+def _tokenize_each(convs: list[Conversation], names: list[str], cfg, tokenizer, template, report: DataReport):
+    """``eval_on_each_dataset``: one tokenized set per eval dataset, as a ``DatasetDict`` keyed by name; the
+    Trainer evaluates each and reports ``eval_<name>_loss`` (LLaMA-Factory's meaning)."""
+    import datasets
+
+    parts = {}
+    for name in dict.fromkeys(names):
+        group = [c for c in convs if c.meta.get("dataset") == name]
+        if group:
+            parts[name] = _tokenize(group, f"eval:{name}", cfg, tokenizer, template, report)
+    return datasets.DatasetDict(parts)
+
+
 def _record_encode_failures(enc: Encoded, convs: list[Conversation], split: str, report: DataReport,
                             max_bad_ratio: float) -> None:
     counts = {(c.name, c.split): c for c in report.datasets}
@@ -278,8 +291,11 @@ def build_datasets(cfg, tokenizer, template, *, purpose: str = "train") -> Datas
     if d.streaming:
         report.notes.append("streaming: true is accepted but loraforge reads the files fully")
     train = _tokenize(train_convs, "train", cfg, tokenizer, template, report) if train_convs else None
-    eval_ = (_tokenize(eval_convs, "eval", cfg, tokenizer, template, report, allow_packing=purpose != "predict")
-             if eval_convs else None)
+    eval_ = None
+    if eval_convs and d.eval_on_each_dataset and eval_names and purpose != "predict":
+        eval_ = _tokenize_each(eval_convs, eval_names, cfg, tokenizer, template, report)
+    elif eval_convs:
+        eval_ = _tokenize(eval_convs, "eval", cfg, tokenizer, template, report, allow_packing=purpose != "predict")
     save_bundle(folder, train, eval_, eval_convs, report, {"key": key, "parts": key_parts})
     report.cache = f"built and saved to {folder}"
     return DatasetBundle(train, eval_, eval_convs, report)

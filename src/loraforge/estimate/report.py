@@ -38,7 +38,7 @@ def _rows(est: "Estimate") -> list[tuple[str, float]]:
         ("optimizer states" + (" (paged, see note)" if b.paged_optimizer else ""), b.optimizer),
         (acts, b.activations), ("logits / loss", b.logits),
         ("temporaries (cuBLAS, casts, buffers)", b.temporaries),
-        (f"framework (CUDA context + allocator margin)", b.framework),
+        ("framework (CUDA context + allocator margin)", b.framework),
     ]
 
 

@@ -16,9 +16,10 @@ def _print_metrics(metrics: dict) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from ..config import load_config
+    from ..data.templates import known_template_names
     from .predict import run_predict
 
-    cfg = load_config(args.config, args.overrides, purpose="predict")
+    cfg = load_config(args.config, args.overrides, purpose="predict", template_names=known_template_names())
     metrics = run_predict(cfg)
     print(f"predictions and metrics written to {cfg.training.output_dir}")
     _print_metrics(metrics)
@@ -27,8 +28,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..config import load_config
+    from ..data.templates import known_template_names
 
-    cfg = load_config(args.config, args.overrides, purpose="eval")
+    cfg = load_config(args.config, args.overrides, purpose="eval", template_names=known_template_names())
     if not args.compare:
         from .predict import run_predict
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -160,7 +160,8 @@ def _generate_missing(cfg: "RunConfig", model: Any, tokenizer: Any, template: An
     from tqdm.auto import tqdm
 
     gen = cfg.generation
-    params = SamplingParams.from_config(gen)
+    # LLaMA-Factory's eval_num_beams: the beam width of evaluation generation, num_beams when unset
+    params = SamplingParams.from_config(gen, num_beams=cfg.data.eval_num_beams)
     stop_ids = list(template.stop_token_ids(tokenizer))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     tags = tuple(getattr(template, "thought_words", None) or DEFAULT_THOUGHT_TAGS)
@@ -176,8 +177,12 @@ def _generate_missing(cfg: "RunConfig", model: Any, tokenizer: Any, template: An
     try:
         for batch in batch_plan([len(prompts.ids[i]) for i in todo], gen.predict_batch_size):
             indices = [todo[j] for j in batch]
-            outputs = generate_batch(model, [prompts.ids[i] for i in indices], params, pad_id=pad_id,
+            # each row's own budget (max_length counts its own prompt, not the batch's padded width)
+            budgets = [params.new_token_budget(len(prompts.ids[i])) for i in indices]
+            batch_params = replace(params, max_new_tokens=max(budgets))
+            outputs = generate_batch(model, [prompts.ids[i] for i in indices], batch_params, pad_id=pad_id,
                                      stop_ids=stop_ids)
+            outputs = [ids[:budget] for ids, budget in zip(outputs, budgets)]
             rows = []
             for i, ids in zip(indices, outputs):
                 new_tokens += len(ids)

@@ -8,10 +8,12 @@ import argparse
 def cmd_export(args: argparse.Namespace) -> int:
     """Plan, then export (or only print the plan and the upload listing with --dry-run)."""
     from ..config import load_config
+    from ..data.templates import known_template_names
     from .safety import human_size
     from .workflow import plan_export, run_export, upload_export
 
-    cfg = load_config(args.config, args.overrides, purpose="export", build_training_args=False)
+    cfg = load_config(args.config, args.overrides, purpose="export", build_training_args=False,
+                      template_names=known_template_names())
     if args.overwrite:
         cfg.export.export_overwrite = True
     if args.upload_only:

@@ -1,6 +1,7 @@
 """Merge LoRA adapters into their base model and save it as sharded safetensors with its tokenizer.
 
-Adapters are merged one after the other into a base loaded in 16 or 32 bits. A QLoRA adapter (trained on a
+Adapters are merged one after the other into a base loaded in 16 or 32 bits, on the CPU or (``export_device:
+auto``) the GPU. A QLoRA adapter (trained on a
 4- or 8-bit base) is merged into the base *reloaded at 16 bits*: merging into quantized weights would either
 fail or bake the quantization error into every weight, so the 4-bit base is never used here.
 """
@@ -89,8 +90,15 @@ def load_export_tokenizer(cfg: "RunConfig", adapters: list[str]) -> Any:
     return tokenizer
 
 
+def merge_device(export_device: str) -> str:
+    """Where merging runs: ``cpu``, or for ``auto`` the GPU when one is visible (faster for large models)."""
+    import torch
+
+    return "cuda" if export_device == "auto" and torch.cuda.is_available() else "cpu"
+
+
 def load_base_model(cfg: "RunConfig", tokenizer: Any, dtype: str, quant_bits: int | None) -> Any:
-    """The base model in ``dtype`` on the CPU, never quantized, with no adapter attached."""
+    """The base model in ``dtype`` on the ``export_device``, never quantized, with no adapter attached."""
     import torch
 
     if quant_bits:
@@ -106,7 +114,9 @@ def load_base_model(cfg: "RunConfig", tokenizer: Any, dtype: str, quant_bits: in
     target = getattr(torch, dtype)
     if next(model.parameters()).dtype != target:
         model = model.to(target)
-    return model.to("cpu").eval()
+    device = merge_device(cfg.export.export_device)
+    logger.info("merging on %s (export_device: %s)", device, cfg.export.export_device)
+    return model.to(device).eval()
 
 
 def merge_adapters(model: Any, adapters: list[str]) -> Any:

@@ -98,9 +98,6 @@ def plan_export(cfg: "RunConfig") -> ExportPlan:
     from .merge import adapter_paths, resolve_dtype, trained_quantization_bit
 
     e = cfg.export
-    if e.export_quantization_bit:
-        raise ExportError(f"`export_quantization_bit: {e.export_quantization_bit}` (GPTQ) is not supported",
-                          hint="use `export_format: gguf` with `export_quantization: q4_k_m` or `q8_0`")
     export_dir = Path(e.export_dir).expanduser().resolve()
     base_dir = Path(resolve_model_path(cfg.model))
     base_config = read_config(base_dir)
@@ -117,8 +114,6 @@ def plan_export(cfg: "RunConfig") -> ExportPlan:
         read_hparams(base_config, str(base_dir / "config.json"))  # unsupported architectures fail now
     if e.export_size <= 0:
         raise ExportError(f"`export_size` is the shard size in GB and must be positive, got {e.export_size}")
-    if e.export_legacy_format:
-        logger.info("`export_legacy_format: true` is accepted but loraforge always writes safetensors")
     dtype = resolve_dtype(e.export_dtype, base_config)
     merge = bool(adapters) or write_st or bool(cfg.data.template)
     n_params = _base_params(base_dir)

@@ -170,6 +170,8 @@ def _load_weights(path: str, config: Any, cfg: "RunConfig", dtype: "torch.dtype"
         device_map = _device_map(m, quant is not None, sharded)
         if device_map is not None:
             kwargs["device_map"] = device_map
+        if device_map == "auto":  # accelerate may put layers that fit in no memory on disk, in this folder
+            kwargs["offload_folder"] = m.offload_folder
         if quant is not None:
             kwargs["quantization_config"] = quant
         return AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)

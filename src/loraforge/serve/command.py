@@ -10,11 +10,13 @@ OVERRIDES_HELP = "Any config key as key=value (e.g. adapter_name_or_path=saves/r
 
 def _load(args: argparse.Namespace, purpose: str):  # noqa: ANN202 - returns a RunConfig
     from ..config import load_config
+    from ..data.templates import known_template_names
 
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not os.path.exists(config):
         config, overrides = None, [config, *overrides]  # `loraforge chat model_name_or_path=...` without a file
-    return load_config(config, overrides, purpose=purpose, build_training_args=False)
+    return load_config(config, overrides, purpose=purpose, build_training_args=False,
+                       template_names=known_template_names())
 
 
 def _thinking(args: argparse.Namespace) -> bool | None:

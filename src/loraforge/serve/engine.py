@@ -34,7 +34,8 @@ class ContextLengthError(LoraforgeError):
 class SamplingParams:
     """Decoding settings of one request."""
 
-    max_new_tokens: int = 512
+    max_new_tokens: int = 512  # 0 or less: generate up to max_length (prompt + answer) instead
+    max_length: int | None = None
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
@@ -48,18 +49,31 @@ class SamplingParams:
     @classmethod
     def from_config(cls, gen: "GeneratingArguments", **changes: Any) -> "SamplingParams":
         """The config's generation settings, with ``changes`` (None values are ignored) on top."""
-        params = cls(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample, temperature=gen.temperature,
-                     top_p=gen.top_p, top_k=gen.top_k, repetition_penalty=gen.repetition_penalty,
-                     num_beams=gen.num_beams, length_penalty=gen.length_penalty)
+        params = cls(max_new_tokens=gen.max_new_tokens, max_length=gen.max_length, do_sample=gen.do_sample,
+                     temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k,
+                     repetition_penalty=gen.repetition_penalty, num_beams=gen.num_beams,
+                     length_penalty=gen.length_penalty)
         for key, value in changes.items():
             if value is not None:
                 setattr(params, key, value)
         return params
 
+    def new_token_budget(self, prompt_len: int) -> int:
+        """Tokens a prompt of ``prompt_len`` may generate: ``max_new_tokens``, or when that is 0 or less
+        (LLaMA-Factory's rule) what ``max_length`` leaves after the prompt."""
+        if self.max_new_tokens > 0 or self.max_length is None:
+            return self.max_new_tokens
+        room = self.max_length - prompt_len
+        if room <= 0:
+            raise ContextLengthError(f"the prompt has {prompt_len} tokens, already max_length={self.max_length}",
+                                     hint="raise `max_length`, or set `max_new_tokens` to a positive count")
+        return room
+
     def generate_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``model.generate`` (sampling knobs only when sampling)."""
-        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
-                                  "repetition_penalty": self.repetition_penalty}
+        length = ({"max_new_tokens": self.max_new_tokens} if self.max_new_tokens > 0 or self.max_length is None
+                  else {"max_length": self.max_length})  # transformers counts max_length from the prompt's start
+        kwargs: dict[str, Any] = {**length, "do_sample": self.do_sample, "repetition_penalty": self.repetition_penalty}
         if self.num_beams > 1:
             kwargs.update(num_beams=self.num_beams, length_penalty=self.length_penalty)
         if self.do_sample:
@@ -157,6 +171,7 @@ class ChatEngine:
             raise ContextLengthError(
                 f"the prompt has {n} tokens but the model's context is {limit} tokens",
                 hint="shorten the messages (or `clear` the chat history)")
+        params = SamplingParams(**{**params.__dict__, "max_new_tokens": params.new_token_budget(n)})
         room = limit - n
         if params.max_new_tokens > room:
             if max_tokens_explicit:

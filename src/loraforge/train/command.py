@@ -35,6 +35,7 @@ class _KeyHelpAction(argparse.Action):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ..config import load_config
+    from ..data.templates import known_template_names
     from .launcher import maybe_relaunch
     from .workflow import check_finished, predict_only, run_train
 
@@ -47,7 +48,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if relaunched is not None:
         return relaunched
     try:
-        cfg = load_config(args.config, args.overrides, purpose="train")
+        cfg = load_config(args.config, args.overrides, purpose="train", template_names=known_template_names())
         return check_finished(run_train(cfg))
     except Exception as err:
         # in a torchrun worker: leave the error where the launcher reads it, to name this rank in one message

@@ -158,7 +158,8 @@ def maybe_relaunch(config: str, overrides: list[str]) -> int | None:
     """Return the exit code of a torchrun relaunch, or None to train in this process.
 
     In a torchrun worker this prepares the process instead (rank-0-only logging, the CPU process group with
-    ``ddp_timeout``, FSDP announced to accelerate as `accelerate launch` would) and returns None. Before relaunching, the whole config is validated once here, so a
+    ``ddp_timeout``, FSDP announced to accelerate as `accelerate launch` would) and returns None. Before
+    relaunching, the whole config is validated once here (with the host RAM a DeepSpeed offload needs), so a
     mistake is reported once and no process is started for it.
     """
     keys = _launch_keys(config, overrides)
@@ -172,8 +173,17 @@ def maybe_relaunch(config: str, overrides: list[str]) -> int | None:
     if plan is None:
         return None
     from ..config import load_config
+    from ..data.templates import known_template_names
 
-    load_config(config, overrides, purpose="train", build_training_args=False)
+    cfg = load_config(config, overrides, purpose="train", build_training_args=False,
+                      template_names=known_template_names())
+    if cfg.explicit.get("deepspeed"):  # offloaded states must fit in this node's RAM, checked before any process
+        from ..errors import ConfigError
+        from .host_memory import offload_host_problem
+
+        problem = offload_host_problem(cfg, plan.nproc_per_node)
+        if problem:
+            raise ConfigError([problem], source=cfg.source)
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env:  # torchrun would set 1 and warn; share the cores between the processes
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // plan.nproc_per_node))

@@ -119,7 +119,8 @@ def run_train(cfg: RunConfig, *, extra_callbacks: list | None = None) -> TrainOu
         cfg.model.resize_vocab = True
 
     # 2. data: every dropped row is counted and reported; too many bad rows already raised a DataError
-    with args.main_process_first(desc="dataset preprocessing"):
+    # (one process per node builds the cache, or one in all when the nodes share its file system)
+    with args.main_process_first(local=not cfg.data.data_shared_file_system, desc="dataset preprocessing"):
         bundle = build_datasets(cfg, tokenizer, template, purpose="train")
     _print_block("data:", bundle.report.lines(cutoff_len=cfg.data.cutoff_len))
 
@@ -156,10 +157,15 @@ def run_train(cfg: RunConfig, *, extra_callbacks: list | None = None) -> TrainOu
     loraplus = None
     if cfg.finetuning.loraplus_lr_ratio:
         loraplus = {"ratio": cfg.finetuning.loraplus_lr_ratio, "embedding_lr": cfg.finetuning.loraplus_lr_embedding}
+    metric_kwargs = {}
+    if cfg.finetuning.compute_accuracy:  # eval_accuracy from argmax ids, never whole logits
+        from ..evaluate.accuracy import accuracy_metrics, argmax_logits
+
+        metric_kwargs = {"compute_metrics": accuracy_metrics, "preprocess_logits_for_metrics": argmax_logits}
     trainer = LoraforgeTrainer(
         model=model, args=args, train_dataset=bundle.train, eval_dataset=bundle.eval,
         data_collator=build_collator(cfg, tokenizer), processing_class=tokenizer,
-        callbacks=callbacks + list(extra_callbacks or []), guard=guard, loraplus=loraplus,
+        callbacks=callbacks + list(extra_callbacks or []), guard=guard, loraplus=loraplus, **metric_kwargs,
         compute_loss_func=loss_func, micro_batch_tokens=token_batching.budget, tracker=tracker,
     )
     trainer.remove_callback(ProgressCallback)
@@ -170,6 +176,10 @@ def run_train(cfg: RunConfig, *, extra_callbacks: list | None = None) -> TrainOu
     result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(result.metrics)
     metrics["skipped_nonfinite_steps"] = guard.total_skipped
+    if cfg.finetuning.include_effective_tokens_per_second:  # non-padding tokens trained per second, per process
+        runtime = metrics.get("train_runtime") or 0.0
+        seen = trainer.state.num_input_tokens_seen / world  # the state sums all processes
+        metrics["effective_tokens_per_sec"] = round(seen / runtime, 3) if runtime > 0 else 0.0
     import torch
 
     if torch.cuda.is_available():
