@@ -134,6 +134,12 @@ def value_from_form(name: str, value: Any, kinds: dict[str, str]) -> Any:
         return value
     if value.strip() == "":
         return None
+    number = {"int": int, "float": float}.get(kind)
+    if number is not None:
+        try:
+            return number(value.strip())  # YAML would read `1e-4` as text; users type it for a float
+        except ValueError:
+            pass
     try:
         return yaml.safe_load(value)
     except yaml.YAMLError:

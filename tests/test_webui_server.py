@@ -1,0 +1,163 @@
+"""The web UI's server functions, without a browser: the form, YAML round trip, data routes, jobs, chat, auth."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from loraforge.config import all_fields, read_yaml  # noqa: E402
+from loraforge.errors import ConfigError  # noqa: E402
+from loraforge.webui import forms  # noqa: E402
+from loraforge.webui.app import create_app  # noqa: E402
+from loraforge.webui.command import check_exposure  # noqa: E402
+from loraforge.webui.jobs import error_message, tail  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+TINY = {"model_name_or_path": "tiny-random-qwen3", "template": "qwen3", "dataset": "quickstart",
+        "dataset_dir": "examples/data", "cutoff_len": 64, "output_dir": "saves/t", "max_steps": 2}
+
+
+@pytest.fixture()
+def client(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # the CLI handlers read relative paths from the working directory, as in a terminal
+    return TestClient(create_app(REPO, state_dir=tmp_path / "state"))
+
+
+def test_form_is_generated_from_the_typed_config_fields():
+    schema = forms.form_schema()
+    fields = {f["name"]: f for g in schema for f in g["fields"]}
+    assert set(fields) == set(all_fields())  # every key, each once
+    assert [g["name"] for g in schema] == list(forms.GROUP_ORDER)
+    assert fields["lora_rank"]["kind"] == "int" and fields["lora_rank"]["default"] == 8
+    assert "LoRA rank" in fields["lora_rank"]["help"]
+    assert fields["finetuning_type"]["choices"] == ["lora", "freeze", "full"]
+    assert fields["quantization_bit"]["choices"] == [4, 8]
+    assert fields["enable_thinking"]["choices"] == [True, False, None]  # null means something here
+    assert fields["learning_rate"]["kind"] == "float" and not fields["learning_rate"]["advanced"]
+    assert fields["video_fps"]["advanced"]  # compatibility-only keys sit under "more"
+
+
+def test_text_inputs_become_the_values_the_cli_reads():
+    got = forms.values_from_form({"learning_rate": "1e-4", "lora_rank": "16", "template": "qwen3",
+                                  "report_to": "none", "lora_target": "q_proj,v_proj", "max_samples": "",
+                                  "bf16": True, "quantization_bit": 4})
+    assert got == {"learning_rate": 1e-4, "lora_rank": 16, "template": "qwen3", "report_to": "none",
+                   "lora_target": "q_proj,v_proj", "max_samples": None, "bf16": True, "quantization_bit": 4}
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_loading_and_saving_a_yaml_gives_the_same_keys_and_values(client, example, tmp_path):
+    path = str(example.relative_to(REPO))
+    values = client.post("/api/config/load", json={"path": path}).json()["values"]
+    saved = tmp_path / "again.yaml"
+    res = client.post("/api/config/save", json={"path": str(saved), "values": values}).json()
+    assert list(read_yaml(saved).items()) == list(read_yaml(example).items())
+    assert res["problems"] == [] or example.name != "quickstart.yaml"
+
+
+def test_render_shows_the_equivalent_command_line_and_every_problem(client):
+    values = client.post("/api/config/load", json={"path": "examples/quickstart.yaml"}).json()["values"]
+    values.update(max_steps="5", template="qwen3")
+    del values["seed"]
+    res = client.post("/api/config/render", json={"values": values, "source": "examples/quickstart.yaml"}).json()
+    assert res["command"] == "loraforge train examples/quickstart.yaml max_steps=5 template=qwen3 seed=42"
+    assert yaml.safe_load(res["yaml"])["max_steps"] == 5
+    values.update(lora_rank="abc", lora_rnak=4)
+    problems = client.post("/api/config/render", json={"values": values}).json()["problems"]
+    assert any("`lora_rank`" in p and "expected int" in p for p in problems)
+    assert any("unknown key `lora_rnak`" in p and "lora_rank" in p for p in problems)
+
+
+def test_errors_come_back_with_the_cli_wording(client):
+    res = client.post("/api/config/load", json={"path": "examples/nope.yaml"})
+    assert res.status_code == 400 and "does not exist" in res.json()["error"]
+    res = client.post("/api/jobs/train", json={"values": {**TINY, "dataset": None}})
+    assert res.status_code == 400 and "dataset" in res.json()["error"]
+
+
+def test_exposing_the_ui_needs_a_password(tmp_path):
+    assert check_exposure("127.0.0.1", None) is None and check_exposure("localhost", None) is None
+    with pytest.raises(ConfigError, match="--password or set LORAFORGE_WEBUI_PASSWORD"):
+        check_exposure("0.0.0.0", None)
+    assert "password" in check_exposure("0.0.0.0", "s3cret")
+    guarded = TestClient(create_app(REPO, state_dir=tmp_path, password="s3cret"))
+    assert guarded.get("/api/schema").status_code == 401
+    good = base64.b64encode(b"me:s3cret").decode()
+    assert guarded.get("/api/jobs", headers={"Authorization": f"Basic {good}"}).status_code == 200
+    bad = base64.b64encode(b"me:wrong").decode()
+    assert guarded.get("/api/jobs", headers={"Authorization": f"Basic {bad}"}).status_code == 401
+
+
+def test_preview_marks_trained_tokens_and_reports_a_bad_index(client, tiny_qwen3_path):
+    res = client.post("/api/data/preview", json={"values": TINY, "index": 1}).json()
+    assert res["rc"] == 0 and res["error"] is None
+    assert "example 1 of quickstart" in res["output"] and "\x1b[42;30m" in res["output"]
+    bad = client.post("/api/data/preview", json={"values": TINY, "index": 100000}).json()
+    assert bad["rc"] != 0 and "--index 100000 is out of range" in bad["error"]
+    listed = client.post("/api/data/datasets", json={"values": TINY}).json()["datasets"]
+    assert {"quickstart", "quickstart_eval"} <= {d["name"] for d in listed}
+
+
+def test_convert_and_register_keep_chinese_text(client, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"你好 {i}"}, {"role": "assistant", "content": "您好！"}]}
+            for i in range(5)]
+    src = tmp_path / "chat.jsonl"
+    src.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n{broken\n", encoding="utf-8")
+    out = tmp_path / "data" / "chat.json"
+    res = client.post("/api/data/convert", json={"input": str(src), "output": str(out), "limit": 3}).json()
+    assert res["rc"] == 0 and "wrote 3 rows" in res["output"]
+    converted = json.loads(out.read_text(encoding="utf-8"))
+    assert len(converted) == 3 and converted[0]["conversations"][0]["value"] == "你好 0"
+    res = client.post("/api/data/register", json={"name": "chat", "file": str(out), "formatting": "sharegpt",
+                                                  "dataset_dir": str(out.parent)}).json()
+    assert res["rc"] == 0, res
+    assert json.loads((out.parent / "dataset_info.json").read_text())["chat"]["file_name"] == "chat.json"
+
+
+def test_estimate_gives_a_verdict_for_the_chosen_gpu(client):
+    values = {**TINY, "model_name_or_path": "qwen3-8b", "cutoff_len": 2048}
+    res = client.post("/api/estimate", json={"values": values, "gpu": "T4"}).json()
+    assert res["gpu"].startswith("T4") and res["fits"] is False and res["needed_gib"] > 15
+    assert any("fit" in line for line in res["lines"])
+
+
+def test_log_tail_and_error_extraction(tmp_path):
+    log = tmp_path / "log.txt"
+    log.write_text("loading\ntrain:  10%|#  | 1/10\rtrain:  50%|#####| 5/10\n"
+                   "loraforge: error: dataset_dir 'x' not found\n  fix: run from the project folder\n")
+    lines = tail(log)
+    assert lines[1] == "train:  50%|#####| 5/10"
+    assert error_message(lines) == "loraforge: error: dataset_dir 'x' not found\n  fix: run from the project folder"
+
+
+def test_a_failing_job_reports_the_cli_error(client):
+    job = client.post("/api/jobs/train", json={"values": {**TINY, "dataset_dir": "examples"}}).json()
+    assert job["state"] == "running" and job["command"].startswith("loraforge train ")
+    deadline = time.time() + 60
+    while job["state"] == "running" and time.time() < deadline:
+        time.sleep(0.5)
+        job = client.get(f"/api/jobs/{job['id']}/status").json()
+    assert job["state"] == "failed" and job["rc"] == 2
+    assert job["error"].startswith("loraforge: error:") and "quickstart" in job["error"]
+    assert client.get("/api/jobs").json()[0]["id"] == job["id"]
+
+
+def test_chat_streams_answers_and_says_when_nothing_is_loaded(client, tiny_qwen3_path):
+    lines = client.post("/api/chat/stream", json={"slot": "base", "messages": [{"role": "user", "content": "hi"}]})
+    assert "no base model is loaded" in lines.json()["error"]
+    loaded = client.post("/api/chat/load", json={"slot": "base", "values": TINY}).json()
+    assert loaded["base"] and loaded["adapter"] is None
+    res = client.post("/api/chat/stream", json={"slot": "base", "max_new_tokens": 6,
+                                                "messages": [{"role": "user", "content": "你好"}]})
+    events = [json.loads(line) for line in res.text.splitlines()]
+    assert events[-1]["done"] and all("kind" in e for e in events[:-1]) and len(events) > 1
+    assert client.post("/api/chat/unload", json={"slot": "base"}).json()["base"] is None
