@@ -2,7 +2,7 @@
 
 One test clicks through the quickstart as a new user would: open the page, load the quickstart config, switch to
 the tiny built-in model, preview a row, start training, watch the loss curve and progress, stop (a checkpoint),
-restart the UI and see the page reattach, resume, let it finish, chat with the adapter next to the base model,
+restart the UI and see the page reattach, resume, let it finish, compare base and adapter, chat with the adapter next to the base model,
 export a GGUF, and switch to Chinese. Screenshots of each page go to $LORAFORGE_SCREENSHOTS (default
 tests/artifacts/webui). Any browser console error fails the test.
 """
@@ -150,6 +150,17 @@ def test_quickstart_in_a_real_browser(tmp_path, tiny_qwen3_path):
             _job_state(page, "#train-state", "finished", 180)
             assert _step(page) == stopped_at + 40
             assert (project / "saves" / "quick" / "adapter_model.safetensors").is_file()
+
+            # evaluate: base vs adapter on the eval set (short answers keep it quick)
+            page.fill("#f-max_new_tokens", "8")
+            page.dispatch_event("#f-max_new_tokens", "change")
+            page.click("[data-tab=eval]")
+            page.click("#ev-compare")
+            _job_state(page, "#ev-state", "finished", 240)
+            page.wait_for_selector("#ev-results table")
+            page.wait_for_function("document.querySelector('#ev-chart')?.naturalWidth > 0")
+            assert "bleu-4" in page.inner_text("#ev-results")
+            page.screenshot(path=str(SHOTS / "eval.png"), full_page=True)
 
             # chat: base and fine-tuned side by side, streamed
             page.click("[data-tab=chat]")

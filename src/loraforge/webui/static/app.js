@@ -54,10 +54,16 @@ function syncInputs(key, except) {
   });
 }
 
+// The page's values survive a reload or a UI restart (unsaved edits included); Load reads the file again.
+function remember() {
+  localStorage.setItem("loraforge.page", JSON.stringify({ source: UI.source, values: UI.values }));
+}
+
 function setValue(key, value, source) {
   if (value === "" || value === undefined) delete UI.values[key];
   else UI.values[key] = value;
   syncInputs(key, source);
+  remember();
   onValuesChanged(key);
 }
 
@@ -136,7 +142,7 @@ async function loadConfig(path) {
   const data = await api("/api/config/load", { path });
   UI.values = data.values;
   UI.source = path;
-  localStorage.setItem("loraforge.config", path);
+  remember();
   allKeys();
   onValuesChanged("*");
   document.dispatchEvent(new Event("configloaded"));
@@ -290,9 +296,12 @@ async function init() {
   });
   applyLanguage();
   showTab(localStorage.getItem("loraforge.tab") || "train");
-  const last = localStorage.getItem("loraforge.config");
-  if (last) { $("config-path").value = last; await loadConfig(last).catch(() => {}); }
-  else { allKeys(); onValuesChanged("*"); document.dispatchEvent(new Event("configloaded")); }
+  const saved = JSON.parse(localStorage.getItem("loraforge.page") || "null");
+  if (saved) { UI.values = saved.values || {}; UI.source = saved.source || null; }
+  $("config-path").value = UI.source || "";
+  allKeys();
+  onValuesChanged("*");
+  document.dispatchEvent(new Event("configloaded"));
   await reattach();
 }
 

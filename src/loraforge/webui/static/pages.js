@@ -88,7 +88,7 @@ async function showEvalJob(job) {
     html += `<table id="ev-metrics">${Object.entries(res.metrics).map(([k, v]) =>
       `<tr><td>${esc(k)}</td><td>${esc(v)}</td></tr>`).join("")}</table>`;
   }
-  if (res.comparison) html += scoreTable(res.comparison.rows || res.comparison);
+  if (res.comparison) html += scoreTable(res.comparison.variants || []);
   if (res.chart) html += `<img id="ev-chart" alt="comparison chart" src="/api/jobs/${job.id}/chart.png?t=${Date.now()}">`;
   $("ev-results").innerHTML = html;
 }
