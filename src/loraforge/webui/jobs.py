@@ -93,10 +93,11 @@ def error_message(lines: list[str]) -> str | None:
 class JobManager:
     """Start, stop and describe jobs under ``jobs_dir``; ``cwd`` is where their relative paths are read."""
 
-    def __init__(self, jobs_dir: str | Path, cwd: str | Path | None = None, python: str | None = None):
+    def __init__(self, jobs_dir: str | Path, cwd: str | Path | None = None):
         self.jobs_dir = Path(jobs_dir)
         self.cwd = Path(cwd or os.getcwd()).resolve()
-        self.python = python or sys.executable
+        self.python = sys.executable
+        self.cli = [self.python, "-m", "loraforge.cli"]  # `loraforge`, in this Python (tests put a stand-in here)
         self._runners: dict[str, subprocess.Popen] = {}
 
     # starting ---------------------------------------------------------------------------------------------------
@@ -114,7 +115,7 @@ class JobManager:
         folder.mkdir(parents=True)
         config = folder / "run.yaml"
         config.write_text(config_text, encoding="utf-8")
-        argv = [self.python, "-m", "loraforge.cli", kind, str(config), *cli_args]
+        argv = [*self.cli, kind, str(config), *cli_args]
         out = str((self.cwd / output_dir).resolve()) if output_dir else None
         job = {"id": job_id, "kind": kind, "argv": argv, "cwd": str(self.cwd), "config": str(config),
                "output_dir": out, "created": time.time(), "title": title,
