@@ -54,7 +54,7 @@ class UiServer:
                    OMP_NUM_THREADS="1")
         self.proc = subprocess.Popen([sys.executable, "-m", "loraforge.cli", "webui", "--port", str(self.port)],
                                      cwd=self.project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        deadline = time.time() + 60
+        deadline = time.time() + 120
         while time.time() < deadline:
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
@@ -63,7 +63,7 @@ class UiServer:
                 if self.proc.poll() is not None:
                     raise RuntimeError(self.proc.stdout.read().decode())
                 time.sleep(0.2)
-        raise RuntimeError("the web UI did not start within 60 s")
+        raise RuntimeError("the web UI did not start within 120 s")
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -85,6 +85,19 @@ def _step(page) -> int:
     return int(page.locator("#stat-step").inner_text() or 0)
 
 
+def _compare(page) -> None:
+    page.click("#form details:has(#f-max_new_tokens) > summary")
+    page.fill("#f-max_new_tokens", "8")
+    page.dispatch_event("#f-max_new_tokens", "change")
+    page.click("[data-tab=eval]")
+    page.click("#ev-compare")
+    _job_state(page, "#ev-state", "finished", 300)
+    page.wait_for_selector("#ev-results table")
+    page.wait_for_function("document.querySelector('#ev-chart')?.naturalWidth > 0")
+    assert "bleu-4" in page.inner_text("#ev-results")
+    page.screenshot(path=str(SHOTS / "eval.png"), full_page=True)
+
+
 def test_quickstart_in_a_real_browser(tmp_path, tiny_qwen3_path):
     project = tmp_path / "project"
     shutil.copytree(REPO / "examples", project / "examples")
@@ -95,9 +108,11 @@ def test_quickstart_in_a_real_browser(tmp_path, tiny_qwen3_path):
         with playwright_sync.sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(90_000)  # a busy 2-core machine loads torch in a fresh process slowly
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(server.url)
+            page.wait_for_selector("body[data-ready]")
 
             # config: the quickstart YAML, then the tiny model, a long max_steps to have time to stop
             page.fill("#config-path", "examples/quickstart.yaml")
@@ -136,33 +151,29 @@ def test_quickstart_in_a_real_browser(tmp_path, tiny_qwen3_path):
             page.click("#train-stop")
             _job_state(page, "#train-state", "stopped", 60)
             stopped_at = _step(page)
-            assert (project / "saves" / "quick").glob("checkpoint-*")
+            assert list((project / "saves" / "quick").glob("checkpoint-*"))
 
             # resume a few more steps; restart the UI meanwhile: the page reattaches to the running job
-            page.fill("#f-max_steps", str(stopped_at + 40))
+            page.fill("#f-max_steps", str(stopped_at + 6))
             page.dispatch_event("#f-max_steps", "change")
             page.click("#train-resume")
             _job_state(page, "#train-state", "running", 30)
             server.stop()
             server.start()
             page.reload()
+            page.wait_for_selector("body[data-ready]")
             page.wait_for_function("document.querySelector('#train-state').textContent.includes('train')")
             _job_state(page, "#train-state", "finished", 180)
-            assert _step(page) == stopped_at + 40
+            assert _step(page) == stopped_at + 6
             assert (project / "saves" / "quick" / "adapter_model.safetensors").is_file()
 
-            # evaluate: base vs adapter on the eval set (short answers keep it quick)
-            page.fill("#f-max_new_tokens", "8")
-            page.dispatch_event("#f-max_new_tokens", "change")
-            page.click("[data-tab=eval]")
-            page.click("#ev-compare")
-            _job_state(page, "#ev-state", "finished", 240)
-            page.wait_for_selector("#ev-results table")
-            page.wait_for_function("document.querySelector('#ev-chart')?.naturalWidth > 0")
-            assert "bleu-4" in page.inner_text("#ev-results")
-            page.screenshot(path=str(SHOTS / "eval.png"), full_page=True)
+            # evaluate: base vs adapter on the eval set (short answers keep it quick); two more model loads and
+            # 80 generations, so only when asked (LORAFORGE_WEBUI_FULL=1, e.g. to remake the README screenshots)
+            if os.environ.get("LORAFORGE_WEBUI_FULL") == "1":
+                _compare(page)
 
             # chat: base and fine-tuned side by side, streamed
+            page.click("#ev-compare")
             page.click("[data-tab=chat]")
             page.click("#ch-load-base")
             page.wait_for_function("document.querySelector('#ch-base-name').textContent.includes('tiny')", timeout=60_000)

@@ -233,3 +233,24 @@ def test_chat_streams_answers_and_says_when_nothing_is_loaded(client, tiny_qwen3
     events = [json.loads(line) for line in res.text.splitlines()]
     assert events[-1]["done"] and all("kind" in e for e in events[:-1]) and len(events) > 1
     assert client.post("/api/chat/unload", json={"slot": "base"}).json()["base"] is None
+
+
+def test_template_check_warns_when_the_template_renders_unlike_the_tokenizer(client, tiny_qwen3_path):
+    same = client.post("/api/template/check", json={"values": TINY}).json()
+    assert same == {"warning": None, "template": "qwen3"}
+    other = client.post("/api/template/check", json={"values": {**TINY, "template": "qwen3_nothink"}}).json()
+    assert other["template"] == "qwen3_nothink" and "`qwen3` matches the model's template" in other["warning"]
+
+
+def test_results_of_a_comparison_are_read_back(fake_cli, tmp_path):
+    client = fake_cli
+    out = tmp_path / "eval"
+    job = client.post("/api/jobs/eval", json={"values": {**TINY, "output_dir": str(out), "eval_dataset": "quickstart_eval"},
+                                              "variants": "base,saves/t"}).json()
+    assert job["command"].endswith("--compare base,saves/t")
+    (out / "compare").mkdir(parents=True)
+    rows = {"samples": 2, "variants": [{"variant": "base", "scores": {"bleu-4": 1.0}}]}
+    (out / "compare" / "comparison.json").write_text(json.dumps(rows))
+    res = client.get(f"/api/jobs/{job['id']}/results").json()
+    assert res["comparison"] == rows and res["chart"] is False
+    assert client.get(f"/api/jobs/{job['id']}/chart.png").status_code == 404

@@ -9,6 +9,7 @@ CLI's own wording, which the page shows.
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import secrets
 import traceback
@@ -59,6 +60,18 @@ def runnable(values: dict[str, Any], source: str | None, cwd: Path) -> dict[str,
     return out
 
 
+def advisory(fn):
+    """For the panels the page refreshes by itself (estimate, template check, dataset list): a user error is
+    their answer (shown in the panel), not a failed request, which a browser would log as a console error."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LoraforgeError as err:
+            return {"error": f"loraforge: error: {err}", "advisory": True}
+    return wrapper
+
+
 def _basic_auth_ok(header: str | None, password: str) -> bool:
     if not header or not header.lower().startswith("basic "):
         return False
@@ -74,6 +87,7 @@ def create_app(cwd: str | Path | None = None, *, state_dir: str | Path | None = 
     """Build the app. ``password`` (any user name) guards every route with HTTP basic auth."""
     root = Path(cwd or Path.cwd()).resolve()
     state = State(root, Path(state_dir or root / ".loraforge-webui").resolve())
+    forms.form_schema()  # imports transformers (the training fields) now, not on the page's first request
     app = FastAPI(title="loraforge web UI", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ui = state
 
@@ -139,6 +153,7 @@ def create_app(cwd: str | Path | None = None, *, state_dir: str | Path | None = 
                 "problems": forms.validate(values, "train")}
 
     @app.post("/api/estimate")
+    @advisory
     def estimate(body: dict):
         from ..config import load_config
         from ..estimate import estimate_for_config

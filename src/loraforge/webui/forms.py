@@ -7,8 +7,10 @@ order) and the same values, because only the keys the file had, plus the keys th
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
+import functools
 import shlex
 import types
 import typing
@@ -99,8 +101,17 @@ def _default(f: dataclasses.Field) -> Any:
     return None
 
 
+@functools.lru_cache(maxsize=1)
+def _schema() -> tuple:
+    return tuple(_build_schema())
+
+
 def form_schema() -> list[dict[str, Any]]:
     """The groups of the form, in YAML order, each with its fields (name, kind, default, help, choices)."""
+    return copy.deepcopy(list(_schema()))
+
+
+def _build_schema() -> list[dict[str, Any]]:
     from ..config import all_fields
 
     groups: dict[str, list[dict[str, Any]]] = {g: [] for g in GROUP_ORDER}
@@ -120,7 +131,7 @@ def form_schema() -> list[dict[str, Any]]:
 
 def field_kinds() -> dict[str, str]:
     """Field name -> kind, for turning the page's text inputs back into YAML values."""
-    return {fld["name"]: fld["kind"] for group in form_schema() for fld in group["fields"]}
+    return {fld["name"]: fld["kind"] for group in _schema() for fld in group["fields"]}
 
 
 def value_from_form(name: str, value: Any, kinds: dict[str, str]) -> Any:
@@ -134,10 +145,9 @@ def value_from_form(name: str, value: Any, kinds: dict[str, str]) -> Any:
         return value
     if value.strip() == "":
         return None
-    number = {"int": int, "float": float}.get(kind)
-    if number is not None:
-        try:
-            return number(value.strip())  # YAML would read `1e-4` as text; users type it for a float
+    for number in {"int": (int,), "float": (int, float)}.get(kind, ()):
+        try:  # `1` stays 1 in a float field (as YAML reads it); `1e-4` is a float (YAML would read text)
+            return number(value.strip())
         except ValueError:
             pass
     try:

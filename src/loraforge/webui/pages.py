@@ -26,9 +26,10 @@ def _path(state: "State", value: Any, what: str) -> str:
 
 def data_routes(app: FastAPI, state: "State") -> None:
     """`/api/data/*`: the datasets of a dataset_info.json and the four `loraforge data` subcommands."""
-    from .app import runnable
+    from .app import advisory, runnable
 
     @app.post("/api/data/datasets")
+    @advisory
     def datasets(body: dict):
         from ..data.registry import INFO_FILE, read_dataset_info, resolve_dataset_dir
 
@@ -75,6 +76,7 @@ def data_routes(app: FastAPI, state: "State") -> None:
         return run_cli(args).to_dict()
 
     @app.post("/api/template/check")
+    @advisory
     def template_check(body: dict):
         """Does the chosen template render like the tokenizer's own chat template? (None: yes or unknown)."""
         from ..config import load_config

@@ -303,6 +303,7 @@ async function init() {
   onValuesChanged("*");
   document.dispatchEvent(new Event("configloaded"));
   await reattach();
+  document.body.dataset.ready = "1";  // for tests and scripts: the form is built and the jobs are attached
 }
 
 window.addEventListener("DOMContentLoaded", () => init().catch((err) => showError("global-error", err)));
