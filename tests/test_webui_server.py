@@ -254,3 +254,12 @@ def test_results_of_a_comparison_are_read_back(fake_cli, tmp_path):
     res = client.get(f"/api/jobs/{job['id']}/results").json()
     assert res["comparison"] == rows and res["chart"] is False
     assert client.get(f"/api/jobs/{job['id']}/chart.png").status_code == 404
+
+
+def test_the_command_refuses_another_host_without_a_password(capsys, monkeypatch):
+    from loraforge.cli import main
+
+    monkeypatch.delenv("LORAFORGE_WEBUI_PASSWORD", raising=False)
+    assert main(["webui", "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err
+    assert "--host 0.0.0.0" in err and "needs a password" in err and "--host 127.0.0.1" in err
