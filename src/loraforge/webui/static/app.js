@@ -240,9 +240,14 @@ async function follow(jobId, show, errorBox, page = "train") {
   const tick = async () => {
     try {
       const job = await api(`/api/jobs/${jobId}/status`);
+      showError(errorBox, null);
       show(job);
       if (job.state === "running") UI.timers[page] = setTimeout(tick, 1000);
-    } catch (err) { showError(errorBox, err); }
+    } catch (err) {
+      showError(errorBox, err instanceof TypeError ? t("unreachable") : err);
+      // fetch() rejects with a TypeError when the UI itself is down (e.g. restarting); the job runs on: retry
+      if (err instanceof TypeError) UI.timers[page] = setTimeout(tick, 2000);
+    }
   };
   await tick();
 }
