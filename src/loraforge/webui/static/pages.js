@@ -156,7 +156,14 @@ async function ask(slot, text) {
       const msg = JSON.parse(buffer.slice(0, cut));
       buffer = buffer.slice(cut + 1);
       if (msg.error) { out.classList.add("bad"); answer.textContent = msg.error; CHAT[slot].pop(); return; }
-      if (msg.done) { out.dataset.done = msg.finish_reason || "stop"; continue; }
+      if (msg.done) {
+        out.dataset.done = msg.finish_reason || "stop";
+        const meta = document.createElement("small");
+        meta.className = "meta";
+        meta.textContent = `${msg.completion_tokens} tokens · ${msg.finish_reason}`;
+        out.appendChild(meta);
+        continue;
+      }
       (msg.kind === "reasoning" ? think : answer).textContent += msg.text;
     }
   }
