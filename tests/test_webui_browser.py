@@ -178,7 +178,6 @@ def test_quickstart_in_a_real_browser(tmp_path, tiny_qwen3_path):
                 _compare(page)
 
             # chat: base and fine-tuned side by side, streamed
-            page.click("#ev-compare")
             page.click("[data-tab=chat]")
             page.click("#ch-load-base")
             page.wait_for_function("document.querySelector('#ch-base-name').textContent.includes('tiny')", timeout=60_000)

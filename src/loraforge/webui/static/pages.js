@@ -191,6 +191,10 @@ function wireChat() {
 }
 
 // ---- Export --------------------------------------------------------------------------------------------------
+function size(bytes) {
+  return bytes < 1048576 ? `${(bytes / 1024).toFixed(1)} KiB` : `${(bytes / 1048576).toFixed(1)} MiB`;
+}
+
 async function showExportJob(job) {
   $("ex-state").textContent = stateText(job);
   $("ex-state").className = `state ${job.state}`;
@@ -199,7 +203,7 @@ async function showExportJob(job) {
   if (job.state !== "finished") return;
   const res = await api(`/api/jobs/${job.id}/results`);
   $("ex-files").innerHTML = (res.files || []).length ? `<table>${res.files.map(([n, s]) =>
-    `<tr><td>${esc(n)}</td><td>${(s / 1048576).toFixed(2)} MiB</td></tr>`).join("")}</table>` : "";
+    `<tr><td>${esc(n)}</td><td>${size(s)}</td></tr>`).join("")}</table>` : "";
 }
 
 function exportValues() {
