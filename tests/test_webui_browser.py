@@ -184,6 +184,7 @@ def test_quickstart_in_a_real_browser(tmp_path, tiny_qwen3_path):
             page.click("#ch-load-adapter")
             page.wait_for_function("document.querySelector('#ch-adapter-name').textContent.includes('quick')",
                                    timeout=60_000)
+            page.fill("#ch-max", "8")
             page.fill("#ch-input", "你好，介绍一下你自己")
             page.click("#ch-send")
             page.wait_for_selector("#ch-base .msg.assistant[data-done]", timeout=60_000)

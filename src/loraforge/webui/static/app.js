@@ -80,7 +80,7 @@ function inputFor(field) {
     el.addEventListener("change", () => setValue(field.name, el.value === "" ? "" : JSON.parse(el.value), el));
   } else {
     el = document.createElement("input");
-    el.placeholder = shown(field.default);
+    el.placeholder = field.default === null ? "" : shown(field.default);
     if (field.name === "template") el.setAttribute("list", "template-list");
     if (field.name === "model_name_or_path") el.setAttribute("list", "model-list");
     el.addEventListener("change", () => setValue(field.name, el.value, el));
@@ -284,7 +284,11 @@ function showTab(name) {
 
 async function init() {
   applyLanguage();
-  $("lang").addEventListener("click", () => { toggleLanguage(); if (UI.job) showTrainJob(UI.job); });
+  $("lang").addEventListener("click", () => {
+    toggleLanguage();
+    if (UI.job) showTrainJob(UI.job);
+    refreshEstimate();  // its verdict line is written in the page's language
+  });
   document.querySelectorAll("#tabs button").forEach((b) => b.addEventListener("click", () => showTab(b.dataset.tab)));
   UI.schema = await api("/api/schema");
   buildForm();
