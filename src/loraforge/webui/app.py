@@ -136,6 +136,7 @@ def create_app(cwd: str | Path | None = None, *, state_dir: str | Path | None = 
         return {"path": path, "values": forms.load_yaml_for_form(root / path)}
 
     @app.post("/api/config/render")
+    @advisory
     def render(body: dict):
         """YAML text, equivalent command line and every validation problem of the page's values."""
         values = forms.values_from_form(body.get("values") or {})

@@ -175,7 +175,7 @@ def dump_yaml(values: dict[str, Any]) -> str:
 
 
 def validate(values: dict[str, Any], purpose: str = "train", *, source: str | None = None) -> list[str]:
-    """Every problem ``loraforge train`` would report for these values (empty when they are valid).
+    """Every problem `loraforge PURPOSE` would report for these values (empty when they are valid).
 
     The environment is not checked (a 4-GPU config can be written on a laptop); the HF training arguments are
     built, so their own errors (e.g. bf16 on a machine without it) show here as on the command line.

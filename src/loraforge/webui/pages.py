@@ -118,8 +118,7 @@ def job_routes(app: FastAPI, state: "State") -> None:
     @app.post("/api/jobs/{kind}")
     def start(kind: str, body: dict):
         values = runnable(body.get("values") or {}, body.get("source"), state.cwd)
-        purpose = "train" if kind == "train" else kind
-        problems = forms.validate(values, purpose)
+        problems = forms.validate(values, kind)  # what `loraforge KIND` would refuse, refused before it starts
         if problems:
             raise ConfigError(problems, source="the page's config")
         args = job_cli_args(kind, body)
