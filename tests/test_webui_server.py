@@ -263,3 +263,12 @@ def test_the_command_refuses_another_host_without_a_password(capsys, monkeypatch
     assert main(["webui", "--host", "0.0.0.0"]) == 2
     err = capsys.readouterr().err
     assert "--host 0.0.0.0" in err and "needs a password" in err and "--host 127.0.0.1" in err
+
+
+def test_a_dataset_dir_beside_the_loaded_yaml_still_works_from_the_job_folder(tmp_path):
+    from loraforge.webui.app import runnable
+
+    (tmp_path / "proj" / "data").mkdir(parents=True)
+    got = runnable({"dataset_dir": "data", "lora_rank": "4"}, "proj/run.yaml", tmp_path)
+    assert got == {"dataset_dir": str(tmp_path / "proj" / "data"), "lora_rank": 4}
+    assert runnable({"dataset_dir": "examples/data"}, None, REPO) == {"dataset_dir": "examples/data"}  # cwd first
