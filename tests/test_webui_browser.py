@@ -114,6 +114,16 @@ def test_quickstart_in_a_real_browser(tmp_path, tiny_qwen3_path):
             page.goto(server.url)
             page.wait_for_selector("body[data-ready]")
 
+            # a config with a typo: the CLI's message is on the page, and the key can be removed there
+            typo = (project / "examples" / "quickstart.yaml").read_text() + "lora_rnak: 4\n"
+            (project / "examples" / "typo.yaml").write_text(typo)
+            page.fill("#config-path", "examples/typo.yaml")
+            page.click("#load")
+            page.wait_for_selector("#problems li.bad")
+            assert "unknown key `lora_rnak`" in page.inner_text("#problems") and "lora_rank" in page.inner_text("#problems")
+            page.click("#extras button.remove")
+            page.wait_for_selector("#problems li.good")
+
             # config: the quickstart YAML, then the tiny model, a long max_steps to have time to stop
             page.fill("#config-path", "examples/quickstart.yaml")
             page.click("#load")

@@ -138,6 +138,29 @@ function fillTopBar() {
 
 function allKeys() { Object.keys(UI.fields).forEach((k) => syncInputs(k)); }
 
+// Keys of the loaded YAML that no config field declares (a typo, a key of another tool): shown, editable and
+// removable here, so the "unknown key" problem can be fixed on the page.
+function renderExtras() {
+  const extra = Object.keys(UI.values).filter((k) => !UI.fields[k]);
+  const box = $("extras");
+  box.hidden = !extra.length;
+  box.innerHTML = extra.length ? `<b>${esc(t("unknown_keys"))}</b>` : "";
+  for (const key of extra) {
+    const row = document.createElement("label");
+    row.className = "field";
+    row.innerHTML = `<code class="bad">${esc(key)}</code>`;
+    const input = document.createElement("input");
+    input.value = shown(UI.values[key]);
+    input.addEventListener("change", () => setValue(key, input.value, input));
+    const remove = document.createElement("button");
+    remove.textContent = "✕";
+    remove.className = "remove";
+    remove.addEventListener("click", (e) => { e.preventDefault(); setValue(key, undefined); });
+    row.append(input, remove);
+    box.appendChild(row);
+  }
+}
+
 async function loadConfig(path) {
   const data = await api("/api/config/load", { path });
   UI.values = data.values;
@@ -185,6 +208,7 @@ const refreshTemplate = debounce(async () => {
 }, 800);
 
 function onValuesChanged(key) {
+  renderExtras();
   refreshRender();
   refreshEstimate();
   if (["*", "model_name_or_path", "template", "enable_thinking"].includes(key)) refreshTemplate();

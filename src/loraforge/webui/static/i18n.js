@@ -25,6 +25,7 @@ const TEXT = {
     stopped: "stopped (resumable)", failed: "failed", lost: "lost", job: "Job", fits: "fits", not_fits: "does NOT fit",
     no_gpu: "no GPU detected: pick one to get a verdict", tpl_warning: "Template differs from the tokenizer's chat template",
     message: "Type a message", system: "System prompt", error: "Error", saved: "Saved", loading: "loading...",
+    unknown_keys: "Keys no config field declares (fix or remove them):",
     unreachable: "The web UI is not reachable (restarting?); the job keeps running. Retrying...",
   },
   zh: {
@@ -49,6 +50,7 @@ const TEXT = {
     stopped: "已停止（可继续）", failed: "失败", lost: "丢失", job: "任务", fits: "放得下", not_fits: "放不下",
     no_gpu: "未检测到 GPU：请选择一个 GPU 以得到结论", tpl_warning: "模板与分词器自带的对话模板不一致",
     message: "输入消息", system: "系统提示词", error: "错误", saved: "已保存", loading: "加载中...",
+    unknown_keys: "未知的配置键（请修改或删除）：",
     unreachable: "无法连接网页界面（正在重启？）；任务仍在运行。正在重试...",
   },
 };
