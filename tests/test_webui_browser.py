@@ -119,8 +119,8 @@ def test_quickstart_in_a_real_browser(tmp_path, tiny_qwen3_path):
             (project / "examples" / "typo.yaml").write_text(typo)
             page.fill("#config-path", "examples/typo.yaml")
             page.click("#load")
-            page.wait_for_selector("#problems li.bad")
-            assert "unknown key `lora_rnak`" in page.inner_text("#problems") and "lora_rank" in page.inner_text("#problems")
+            page.wait_for_function("document.querySelector('#problems').textContent.includes('unknown key `lora_rnak`')")
+            assert "did you mean lora_rank" in page.inner_text("#problems")
             page.click("#extras button.remove")
             page.wait_for_selector("#problems li.good")
 

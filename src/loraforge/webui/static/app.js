@@ -208,6 +208,7 @@ const refreshTemplate = debounce(async () => {
 }, 800);
 
 function onValuesChanged(key) {
+  document.dispatchEvent(new CustomEvent("valuechange", { detail: key }));
   renderExtras();
   refreshRender();
   refreshEstimate();

@@ -61,12 +61,18 @@ function wireData() {
 // ---- Evaluate ------------------------------------------------------------------------------------------------
 function adapterDefault() { return shown(UI.values.output_dir) || "saves/run"; }
 
+// Paths derived from the config's output_dir follow it when another config is loaded, unless the user typed
+// something else into them.
+const DERIVED = {};
+
 function defaultPaths() {
   const adapter = adapterDefault();
-  for (const id of ["ev-adapter", "ch-adapter", "ex-adapter"]) $(id).value = $(id).value || adapter;
-  $("ev-out").value = $("ev-out").value || `${adapter}/eval`;
-  $("ev-variants").value = $("ev-variants").value || `base,${adapter}`;
-  $("ex-dir").value = $("ex-dir").value || `${adapter}/export`;
+  const wanted = { "ev-adapter": adapter, "ch-adapter": adapter, "ex-adapter": adapter, "ev-out": `${adapter}/eval`,
+    "ev-variants": `base,${adapter}`, "ex-dir": `${adapter}/export` };
+  for (const [id, value] of Object.entries(wanted)) {
+    if (!$(id).value || $(id).value === DERIVED[id]) $(id).value = value;
+    DERIVED[id] = value;
+  }
 }
 
 function scoreTable(rows) {
@@ -230,6 +236,7 @@ function wirePages() {
   wireChat();
   wireExport();
   document.addEventListener("configloaded", defaultPaths);
+  document.addEventListener("valuechange", (e) => { if (e.detail === "output_dir") defaultPaths(); });
   document.addEventListener("jobsloaded", (e) => {
     const last = (kind) => e.detail.find((j) => j.kind === kind);
     const ev = last("eval") || last("predict");
