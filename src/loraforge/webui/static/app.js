@@ -216,6 +216,13 @@ function onValuesChanged(key) {
 }
 
 // ---- Train tab -------------------------------------------------------------------------------------------------
+// The state line of a job, and the command it runs (what to type to do the same in a terminal).
+function showJobState(prefix, job) {
+  $(`${prefix}-state`).textContent = stateText(job);
+  $(`${prefix}-state`).className = `state ${job.state}`;
+  $(`${prefix}-cmd`).textContent = job.command || "";
+}
+
 function stateText(job) {
   return job ? `${t("job")} ${job.id}: ${t(job.state)}${job.stop_requested && job.state === "running" ? " …" : ""}` : "";
 }
@@ -238,8 +245,7 @@ function drawLoss(points, evalPoints) {
 
 function showTrainJob(job) {
   UI.job = job;
-  $("train-state").textContent = stateText(job);
-  $("train-state").className = `state ${job.state}`;
+  showJobState("train", job);
   showError("train-error", job.error);
   $("train-log").textContent = (job.log || []).join("\n");
   $("train-log").scrollTop = $("train-log").scrollHeight;

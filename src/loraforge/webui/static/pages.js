@@ -83,8 +83,7 @@ function scoreTable(rows) {
 }
 
 async function showEvalJob(job) {
-  $("ev-state").textContent = stateText(job);
-  $("ev-state").className = `state ${job.state}`;
+  showJobState("ev", job);
   showError("ev-error", job.error);
   $("ev-log").textContent = (job.log || []).slice(-40).join("\n");
   if (job.state !== "finished") return;
@@ -202,8 +201,7 @@ function size(bytes) {
 }
 
 async function showExportJob(job) {
-  $("ex-state").textContent = stateText(job);
-  $("ex-state").className = `state ${job.state}`;
+  showJobState("ex", job);
   showError("ex-error", job.error);
   $("ex-log").textContent = (job.log || []).slice(-60).join("\n");
   if (job.state !== "finished") return;
