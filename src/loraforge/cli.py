@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "loraforge.export.command",     # export
     "loraforge.estimate.command",   # estimate
     "loraforge.envinfo",            # env, version
+    "loraforge.webui.command",      # webui
 )
 
 
