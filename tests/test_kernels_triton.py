@@ -4,8 +4,8 @@ The interpreter is exact in fp32 but truncates fp32 -> bf16 casts (the GPU round
 here bf16 cases only check tolerances; the bit-for-bit bf16 checks are ``gpu`` tests.
 
 ``TRITON_INTERPRET=1`` must be set before the kernels are defined (Triton decides at decoration time), so
-the outer test starts one child pytest on this file with it set; in the child the parity tests run, in the
-normal session they are skipped. Without Triton installed everything here is skipped. On a GPU the same
+the outer test starts one child pytest on this file with it set; in the child the parity tests run (marker
+``interpreted``), in the normal session they are deselected. Without Triton installed everything here is skipped. On a GPU the same
 cases run compiled, in bf16, from the ``gpu`` tests of each ``test_kernels_<op>.py``.
 """
 
@@ -25,7 +25,8 @@ import kernel_cases as cases
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 REPO = Path(__file__).resolve().parents[1]
-in_child = pytest.mark.skipif(not INTERPRETED, reason="runs in the child started by test_triton_kernels_interpreted")
+# deselected in a normal session (pyproject's addopts), selected in the child with `-m interpreted`
+in_child = pytest.mark.interpreted
 
 
 def _interpreter_broken() -> str:
@@ -54,7 +55,7 @@ def test_triton_kernels_interpreted():
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
-         "-k", "not interpreted and not compile"],
+         "-m", "interpreted"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]

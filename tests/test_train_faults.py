@@ -128,7 +128,7 @@ def test_killed_at_every_kind_of_moment_then_resumed_equals_the_uninterrupted_ru
     rng = random.Random(11)
     for _ in range(2):
         delay = rng.uniform(0.05, 1.0)
-        assert train(patch=lambda: threading.Timer(delay, die).start()) in (kill, 0)
+        assert train(patch=lambda delay=delay: threading.Timer(delay, die).start()) in (kill, 0)
 
     run_train(load_config(cfg))  # the same command once more: it finishes from checkpoint-6, training nothing
 

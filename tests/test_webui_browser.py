@@ -61,7 +61,7 @@ class UiServer:
                 return self
             except OSError:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(self.proc.stdout.read().decode())
+                    raise RuntimeError(self.proc.stdout.read().decode()) from None
                 time.sleep(0.2)
         raise RuntimeError("the web UI did not start within 120 s")
 

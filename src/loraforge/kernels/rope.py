@@ -45,14 +45,14 @@ def apply_rope_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: 
 
 
 @jit
-def _rotate_heads(X, O, b, s, n_heads, sxb, sxh, sxs, sob, soh, sos, c1, c2, s1, s2,
+def _rotate_heads(X, Out, b, s, n_heads, sxb, sxh, sxs, sob, soh, sos, c1, c2, s1, s2,
                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
                   BACKWARD: tl.constexpr):
     heads = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_HALF)
     mask = (heads < n_heads)[:, None] & (d < HALF)[None, :]
     x_row = X + b * sxb + s * sxs + heads[:, None] * sxh + d[None, :]
-    o_row = O + b * sob + s * sos + heads[:, None] * soh + d[None, :]
+    o_row = Out + b * sob + s * sos + heads[:, None] * soh + d[None, :]
     x1 = tl.load(x_row, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_row + HALF, mask=mask, other=0.0).to(tl.float32)
     if BACKWARD:
@@ -65,8 +65,8 @@ def _rotate_heads(X, O, b, s, n_heads, sxb, sxh, sxs, sob, soh, sos, c1, c2, s1,
         dt = X.dtype.element_ty
         o1 = (x1 * c1[None, :]).to(dt).to(tl.float32) - (x2 * s1[None, :]).to(dt).to(tl.float32)
         o2 = (x2 * c2[None, :]).to(dt).to(tl.float32) + (x1 * s2[None, :]).to(dt).to(tl.float32)
-    tl.store(o_row, o1.to(O.dtype.element_ty), mask=mask)
-    tl.store(o_row + HALF, o2.to(O.dtype.element_ty), mask=mask)
+    tl.store(o_row, o1.to(Out.dtype.element_ty), mask=mask)
+    tl.store(o_row + HALF, o2.to(Out.dtype.element_ty), mask=mask)
 
 
 @jit
