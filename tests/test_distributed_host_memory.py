@@ -8,15 +8,16 @@ import pytest
 
 from loraforge.config import load_config
 from loraforge.errors import ConfigError
-from loraforge.train import distributed
+from loraforge.config import engines
+from loraforge.train.launcher import check_host_memory
 from loraforge.train.host_memory import GIB, HOST_RAM_ENV, host_ram
 
 
 @pytest.fixture()
 def box(monkeypatch, tmp_path):
     """A 4-GPU machine with DeepSpeed (validation only, nothing runs) and a small dataset."""
-    monkeypatch.setattr(distributed, "cuda_device_count", lambda: 4)
-    monkeypatch.setattr(distributed, "deepspeed_installed", lambda: True)
+    monkeypatch.setattr(engines, "cuda_device_count", lambda: 4)
+    monkeypatch.setattr(engines, "deepspeed_installed", lambda: True)
     for name in ("LOCAL_RANK", "WORLD_SIZE", "FORCE_TORCHRUN", HOST_RAM_ENV):
         monkeypatch.delenv(name, raising=False)
     data = tmp_path / "data"
@@ -29,7 +30,8 @@ def box(monkeypatch, tmp_path):
 
 
 def _check(keys: dict) -> None:
-    load_config(keys, purpose="train", build_training_args=False)
+    """What the launcher does before it starts any process: validate, then the host RAM an offload needs."""
+    check_host_memory(load_config(keys, purpose="train", build_training_args=False), keys["nproc_per_node"])
 
 
 def test_offload_beyond_host_ram_is_refused_with_the_fix(box, monkeypatch):

@@ -275,15 +275,17 @@ def test_explicit_tokenizer_and_llamafactory_names(toks, caplog):
 
 def test_config_accepts_the_new_names():
     from loraforge.config import load_config
+    from loraforge.data.templates import known_template_names
     from loraforge.errors import ConfigError
 
+    names = known_template_names()  # what every command passes to config validation
     for name in ("tokenizer", "gemma2", "ministral", "smollm3", "qwq"):
         cfg = load_config({"model_name_or_path": "tiny-random-qwen3", "template": name}, purpose="chat",
-                          build_training_args=False)
+                          build_training_args=False, template_names=names)
         assert cfg.data.template == name
     with pytest.raises(ConfigError, match="unknown `template: tokenzier`; did you mean tokenizer"):
         load_config({"model_name_or_path": "tiny-random-qwen3", "template": "tokenzier"}, purpose="chat",
-                    build_training_args=False)
+                    build_training_args=False, template_names=names)
 
 
 def test_no_chat_template_is_a_clear_error(toks):

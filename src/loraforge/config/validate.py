@@ -38,7 +38,7 @@ def check(cfg: "RunConfig", training: dict[str, Any], purpose: str, *, environme
     hf = ChainMap(training, training_defaults())
     return (model_problems(cfg)
             + finetuning_problems(cfg, purpose)
-            + data_problems(cfg.data, purpose, hf, template_names)
+            + data_problems(cfg.data, purpose, training, template_names)
             + training_problems(cfg, training, hf, purpose, environment=environment)
             + generation_problems(cfg.generation, cfg)
             + export_problems(cfg.export, purpose))
@@ -86,8 +86,9 @@ def finetuning_problems(cfg: "RunConfig", purpose: str) -> list[str]:
     return p
 
 
-def data_problems(d: "DataArguments", purpose: str, hf: Mapping[str, Any],
+def data_problems(d: "DataArguments", purpose: str, given: Mapping[str, Any],
                   template_names: Collection[str] | None) -> list[str]:
+    """``given``: the training keys as the user wrote them."""
     p: list[str] = []
     if d.cutoff_len <= 0:
         p.append(f"`cutoff_len` must be positive, got {d.cutoff_len}")
@@ -111,7 +112,8 @@ def data_problems(d: "DataArguments", purpose: str, hf: Mapping[str, Any],
         close = difflib.get_close_matches(d.template, list(template_names), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(sorted(template_names))}"
         p.append(f"unknown `template: {d.template}`{hint}")
-    if purpose == "train" and hf.get("do_train") is not False and not d.dataset:  # loraforge trains unless told not to
+    # loraforge trains unless told not to (HF's own default, do_train false, does not count here)
+    if purpose == "train" and given.get("do_train", True) is not False and not d.dataset:
         p.append("`dataset` is required for training: name(s) registered in "
                  f"{os.path.join(d.dataset_dir, 'dataset_info.json')}")
     if purpose in ("predict", "eval") and not (d.eval_dataset or d.dataset):

@@ -154,6 +154,18 @@ def _run(cmd: list[str], env: dict[str, str]) -> int:
             logger.warning("interrupt received: waiting for the workers to save a checkpoint and stop")
 
 
+def check_host_memory(cfg, processes: int) -> None:
+    """Refuse a DeepSpeed offload whose states cannot fit in this node's RAM (before any process starts)."""
+    if not cfg.explicit.get("deepspeed"):
+        return
+    from ..errors import ConfigError
+    from .host_memory import offload_host_problem
+
+    problem = offload_host_problem(cfg, processes)
+    if problem:
+        raise ConfigError([problem], source=cfg.source)
+
+
 def maybe_relaunch(config: str, overrides: list[str]) -> int | None:
     """Return the exit code of a torchrun relaunch, or None to train in this process.
 
@@ -177,13 +189,7 @@ def maybe_relaunch(config: str, overrides: list[str]) -> int | None:
 
     cfg = load_config(config, overrides, purpose="train", build_training_args=False,
                       template_names=known_template_names())
-    if cfg.explicit.get("deepspeed"):  # offloaded states must fit in this node's RAM, checked before any process
-        from ..errors import ConfigError
-        from .host_memory import offload_host_problem
-
-        problem = offload_host_problem(cfg, plan.nproc_per_node)
-        if problem:
-            raise ConfigError([problem], source=cfg.source)
+    check_host_memory(cfg, plan.nproc_per_node)
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env:  # torchrun would set 1 and warn; share the cores between the processes
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // plan.nproc_per_node))

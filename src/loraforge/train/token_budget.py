@@ -34,7 +34,8 @@ CPU_BUDGET = 4096
 AUTO_CAP = 32768
 MEMORY_SHARE = 0.85
 MASK_BYTES = {"sdpa": 8, "flex_attention": 8}
-VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn", "paged_attention")
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn", "paged_attention",
+                    "loraforge_varlen")  # the last: loraforge.kernels.varlen_attention (the fast path's)
 
 
 @dataclass(frozen=True)

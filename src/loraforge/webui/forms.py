@@ -32,7 +32,6 @@ COMMON_TRAINING = (
     "logging_steps", "save_steps", "save_total_limit", "eval_strategy", "eval_steps", "per_device_eval_batch_size",
     "do_train", "do_eval", "do_predict", "report_to", "nproc_per_node", "deepspeed",
 )
-_COMPAT_PREFIXES = ("Accepted for compatibility", "accepted for compatibility", "GPTQ")
 
 
 def _plain(value: Any) -> Any:
@@ -119,7 +118,7 @@ def _build_schema() -> list[dict[str, Any]]:
         group, f, tp = entries[0]  # a key declared in two groups is edited once, where it is first declared
         help_text = (f.metadata or {}).get("help", "") or ""
         choices = _choices(f, tp)
-        advanced = help_text.startswith(_COMPAT_PREFIXES) or (group == "training" and name not in COMMON_TRAINING)
+        advanced = group == "training" and name not in COMMON_TRAINING
         groups.setdefault(group, []).append({
             "name": name, "kind": _kind(tp, tuple(choices) if choices else None), "default": _default(f),
             "help": help_text, "choices": choices, "advanced": advanced,
