@@ -159,21 +159,23 @@ def register() -> None:
 def use_varlen_attention(model: Any) -> None:
     """Run ``model``'s attention through :func:`attention_forward` (training and evaluation forwards)."""
     register()
-    _set_attention(model, ATTENTION_NAME)
+    set_attention(model, ATTENTION_NAME)
 
 
 def use_generation_attention(model: Any) -> None:
     """Switch ``model`` back to ``sdpa`` (padding masks, KV cache) if it runs the varlen attention."""
-    if _attention_of(model) == ATTENTION_NAME:
-        _set_attention(model, "sdpa")
+    if attention_of(model) == ATTENTION_NAME:
+        set_attention(model, "sdpa")
 
 
-def _attention_of(model: Any) -> str | None:
+def attention_of(model: Any) -> str | None:
+    """The attention implementation ``model`` (or the base model under a peft wrapper) runs."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return getattr(getattr(base, "config", None), "_attn_implementation", None)
 
 
-def _set_attention(model: Any, name: str) -> None:
+def set_attention(model: Any, name: str) -> None:
+    """Switch ``model``'s attention implementation to ``name`` (a key of transformers' AttentionInterface)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if hasattr(base, "set_attn_implementation"):
         base.set_attn_implementation(name)

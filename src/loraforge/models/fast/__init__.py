@@ -64,9 +64,9 @@ class FastPath:
             setattr(parent, name, original)
         self._originals.clear()
         if self._model is not None and self._attention is not None:
-            from ...kernels.varlen_attention import _set_attention
+            from ...kernels.varlen_attention import set_attention
 
-            _set_attention(self._model, self._attention)
+            set_attention(self._model, self._attention)
             _base_config(self._model).use_cache = self._use_cache
         self.plan = FastPathPlan(False, "restored to the standard modules", self.plan.setting)
 
@@ -134,7 +134,7 @@ def _decoder(model: Any) -> Any:
 
 def apply_fast_path(model: Any, plan: FastPathPlan) -> FastPath:
     """Swap the covered module instances of ``model`` (a peft-wrapped or plain causal LM) for the fast ones."""
-    from ...kernels.varlen_attention import _attention_of, use_varlen_attention
+    from ...kernels.varlen_attention import attention_of, use_varlen_attention
     from .checkpointing import use_offloaded_checkpointing
     from .modules import FastAttention, FastMLP, FastRMSNorm
 
@@ -157,7 +157,7 @@ def apply_fast_path(model: Any, plan: FastPathPlan) -> FastPath:
     swap(decoder, "norm", FastRMSNorm, "RMSNorm")
     dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
     fast.offloaded = use_offloaded_checkpointing(decoder.layers, keep_rng=dropout)
-    fast._attention, fast._model = _attention_of(model), model
+    fast._attention, fast._model = attention_of(model), model
     config = _base_config(model)
     fast._use_cache, config.use_cache = config.use_cache, False  # training forwards build no KV cache
     use_varlen_attention(model)
