@@ -15,6 +15,7 @@ from loraforge.data.conversation import Conversation, Message
 from loraforge.data.template_encode import TurnIds, build_example, share_budget
 from loraforge.data.templates import get_template
 from loraforge.errors import TemplateError
+from token_spans import spans
 
 IGNORE = -100
 SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>", "<s>", "</s>"]
@@ -41,18 +42,6 @@ def conv(*pairs: str, system: str | None = None) -> Conversation:
     roles = ["user", "assistant"]
     return Conversation([Message(roles[i % 2], text) for i, text in enumerate(pairs)], system=system,
                         source="data.json:row 7")
-
-
-def spans(tok, input_ids, labels) -> list[str]:
-    out, cur = [], []
-    for token, label in zip(input_ids, labels):
-        if label != IGNORE:
-            assert label == token
-            cur.append(token)
-        elif cur:
-            out.append(tok.decode(cur))
-            cur = []
-    return out + ([tok.decode(cur)] if cur else [])
 
 
 def test_every_answer_trained_prompts_masked(tok):

@@ -25,6 +25,7 @@ from loraforge.data.conversation import Conversation, Message
 from loraforge.data.template_tokenizer import TokenizerTemplate, tokenizer_template
 from loraforge.data.templates import get_template, resolve_template
 from loraforge.errors import TemplateError
+from token_spans import spans
 
 IGNORE = -100
 TOOLS = json.dumps([{"name": "get_weather", "description": "Get the weather of a city.",
@@ -121,18 +122,6 @@ def ids(tok, text: str) -> list[int]:
 def reference(tok, template: TokenizerTemplate, conv: Conversation, mode, *, generation=False) -> str:
     messages, tools, extra = template.hf_messages(conv, enable_thinking=mode)
     return tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation, **extra)
-
-
-def spans(tok, input_ids, labels) -> list[str]:
-    out, cur = [], []
-    for token, label in zip(input_ids, labels):
-        if label != IGNORE:
-            assert label == token
-            cur.append(token)
-        elif cur:
-            out.append(tok.decode(cur))
-            cur = []
-    return out + ([tok.decode(cur)] if cur else [])
 
 
 @pytest.mark.parametrize("mode", [True, False, None], ids=["think", "nothink", "auto"])
