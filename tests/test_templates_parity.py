@@ -15,6 +15,7 @@ import pytest
 from loraforge.data.conversation import Conversation, Message
 from loraforge.data.render import to_hf_messages
 from loraforge.data.templates import get_template
+from token_spans import spans as trained_spans
 
 IGNORE = -100
 TOOLS = json.dumps([
@@ -109,21 +110,6 @@ def without_reasoning(conv: Conversation) -> Conversation:
 
 def first_label(labels: list[int]) -> int:
     return next(i for i, x in enumerate(labels) if x != IGNORE)
-
-
-def trained_spans(tok, input_ids: list[int], labels: list[int]) -> list[str]:
-    """The decoded runs of trained tokens."""
-    spans, cur = [], []
-    for token, label in zip(input_ids, labels):
-        if label != IGNORE:
-            assert label == token
-            cur.append(token)
-        elif cur:
-            spans.append(cur)
-            cur = []
-    if cur:
-        spans.append(cur)
-    return [tok.decode(s) for s in spans]
 
 
 def check_token_exact(tok, template, chat_template, conv, *, mode=True, jinja_kwargs=None, gen_kwargs=None):
