@@ -308,3 +308,15 @@ def test_yaml_off_is_the_setting_off(tmp_path):
     assert cfg.finetuning.fast_path == "off"
     assert load_config(str(path), ["fast_path=on"], purpose="estimate",
                        build_training_args=False).finetuning.fast_path == "on"
+
+
+def test_turing_gpus_take_the_sdpa_path(monkeypatch):
+    """flash-attention 2 (PyTorch's varlen kernel) needs compute capability 8.0: a T4/T10 uses per-sample SDPA."""
+    from loraforge.kernels import varlen_attention as va
+
+    monkeypatch.setattr(va, "_CAPABLE", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (7, 5))
+    assert va.flash_varlen_supported(torch.device("cuda", 0)) is False
+    monkeypatch.setattr(va, "_CAPABLE", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
+    assert va.flash_varlen_supported(torch.device("cuda", 0)) is True

@@ -3,9 +3,10 @@ fast path.
 
 A batch may hold several samples in one flattened row (``position_ids`` restart at 0 for each sample, or the
 flash-attention kwargs ``cu_seq_lens_q`` / ``max_length_q`` are given). No sample attends to another, and no
-[T, T] mask is ever built: on a CUDA GPU the samples go through PyTorch's own flash-attention varlen kernel
-(``torch.nn.attention.varlen.varlen_attn``); elsewhere (CPU, tests) through :func:`varlen_attention_reference`,
-which runs each sample through ``scaled_dot_product_attention`` and is the numerical reference.
+[T, T] mask is ever built: on an Ampere or newer GPU the samples go through PyTorch's own flash-attention varlen
+kernel (``torch.nn.attention.varlen.varlen_attn``); elsewhere (CPU, tests, Turing GPUs such as the T4/T10) through
+:func:`varlen_attention_reference`, which runs each sample through ``scaled_dot_product_attention`` and is the
+numerical reference.
 
 The function is registered with transformers' ``AttentionInterface`` under :data:`ATTENTION_NAME`, the
 documented way to add an attention kernel; :func:`use_varlen_attention` switches a model to it. It is for
@@ -97,10 +98,23 @@ def _kernel() -> tuple[Any, dict[str, Any], bool] | None:
     return None if fn is None else (fn, _KERNEL["kwargs"], _KERNEL["gqa"])
 
 
+def flash_varlen_supported(device: torch.device) -> bool:
+    """PyTorch's varlen kernel is flash-attention 2, which needs an Ampere or newer GPU (compute capability 8.0);
+    Turing cards (T4, T10, RTX 20xx) take the per-sample SDPA path instead."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABLE:
+        _CAPABLE[index] = torch.cuda.get_device_capability(index) >= (8, 0)
+    return _CAPABLE[index]
+
+
+_CAPABLE: dict[int, bool] = {}
+
+
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
                      scale: float | None = None) -> torch.Tensor:
     """Causal attention within each sample of a flattened batch. q: [T, Hq, D]; k, v: [T, Hkv, D]."""
-    kernel = _kernel() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
+    usable = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and flash_varlen_supported(q.device)
+    kernel = _kernel() if usable else None
     if kernel is None:
         return varlen_attention_reference(q, k, v, cu_seqlens, scale)
     fn, kwargs, gqa = kernel
