@@ -184,3 +184,19 @@ def test_ddp_timeout_reaches_the_cpu_process_group(tmp_path):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 0 timeout 1234" in proc.stdout and "rank 1 timeout 1234" in proc.stdout
+
+
+def test_fast_path_with_checkpointing_trains_on_two_processes(runs, tmp_path):
+    """The fast path's checkpoint recomputes layers inside backward: DDP must not count their LoRA weights unused
+    (it failed with "marked ready twice"); two processes reach one process's losses with checkpointing on."""
+    common = ["disable_gradient_checkpointing=false", "fast_path=on", "max_steps=2", "save_steps=100"]
+    from loraforge.cli import main
+
+    assert main(["train", str(runs["cfg"]), f"output_dir={tmp_path / 'one'}", "per_device_train_batch_size=4",
+                 *common]) == 0
+    _train(runs["cfg"], [f"output_dir={tmp_path / 'two'}", "per_device_train_batch_size=2", "nproc_per_node=2",
+                         "ddp_timeout=900", *common], FORCE_TORCHRUN="1")
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=2e-3), (step, one, two)

@@ -129,6 +129,10 @@ def run_train(cfg: RunConfig, *, extra_callbacks: list | None = None) -> TrainOu
     model = load_model(cfg, tokenizer, is_trainable=True, fast_path=plan.enabled)
     fast = apply_fast_path(model, plan)
     loss_func = FusedCausalLMLoss(model) if fast.enabled else None
+    if fast.enabled and args.ddp_find_unused_parameters is None:
+        # The fast path's checkpoint recomputes each layer inside backward (reentrant), so DDP must not mark the
+        # layer's LoRA weights "unused" after forward; every adapter weight of a covered dense model is used.
+        args.ddp_find_unused_parameters = False
     pissa_init_dir = None
     if cfg.finetuning.pissa_init and cfg.finetuning.pissa_convert and args.should_save:
         from ..models.adapters import save_pissa_initial
