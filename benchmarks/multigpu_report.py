@@ -29,6 +29,9 @@ def summarize(ranks: list[dict], *, gpus: int, tokens_per_step: int) -> dict:
     out = {"gpus": gpus, "ranks_reported": len(ranks), "steps_timed": timed,
            "peak_alloc_gib_per_gpu": [r["peak_alloc_gib"] for r in ranks],
            "peak_reserved_gib_per_gpu": [r["peak_reserved_gib"] for r in ranks],
+           "train_peak_alloc_gib_per_gpu": [r.get("train_peak_alloc_gib") for r in ranks],
+           "alloc_at_train_begin_gib_per_gpu": [r.get("alloc_at_train_begin_gib") for r in ranks],
+           "load_peak_alloc_gib_per_gpu": [r.get("load_peak_alloc_gib") for r in ranks],
            "host_rss_gib_per_rank": [r.get("host_rss_gib") for r in ranks],
            "tokens_seen_reported": ranks[0].get("tokens_seen")}
     if timed:
@@ -71,6 +74,8 @@ def markdown(result: dict) -> str:
     s = result["settings"]
     lines = [f"# Multi-GPU benchmark ({result['device'].get('gpu', 'no GPU')} x {s['gpus']})", "",
              f"`{result['command']}`", "",
+             *[f"runs carried from an earlier call: `{c}`" for c in result.get("earlier_commands", [])],
+             *([""] if result.get("earlier_commands") else []),
              f"Qwen3-{s['size']} (random weights, real tokenizer), QLoRA {s['quantization']}, LoRA r{s['lora_rank']} "
              f"on all 7 projections, seq {s['seq']}, global batch {s['global_batch']} sequences per step, "
              f"{s['steps']} steps ({s['warmup']} untimed).", "",

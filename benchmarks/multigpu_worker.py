@@ -37,6 +37,14 @@ def _step_clock(out_file: Path, warmup: int):
         def __init__(self) -> None:
             self.times: list[float] = []
             self.start = 0.0
+            self.at_begin = self.load_peak = 0.0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            # after the engine is set up (DeepSpeed partitions here): the resident weights, and the load's peak
+            if cuda:
+                self.at_begin = torch.cuda.memory_allocated() / GIB
+                self.load_peak = torch.cuda.max_memory_allocated() / GIB
+                torch.cuda.reset_peak_memory_stats()
 
         def on_step_begin(self, args, state, control, **kwargs):
             sync()
@@ -49,7 +57,11 @@ def _step_clock(out_file: Path, warmup: int):
 
         def on_train_end(self, args, state, control, **kwargs):
             row = {"rank": args.process_index, "world": args.world_size, "step_s": self.times,
-                   "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / GIB, 3) if cuda else None,
+                   "peak_alloc_gib": round(max(self.load_peak, torch.cuda.max_memory_allocated() / GIB), 3)
+                   if cuda else None,
+                   "train_peak_alloc_gib": round(torch.cuda.max_memory_allocated() / GIB, 3) if cuda else None,
+                   "alloc_at_train_begin_gib": round(self.at_begin, 3) if cuda else None,
+                   "load_peak_alloc_gib": round(self.load_peak, 3) if cuda else None,
                    "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 3) if cuda else None,
                    "host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
                    "tokens_seen": int(getattr(state, "num_input_tokens_seen", 0) or 0)}

@@ -320,3 +320,81 @@ def test_turing_gpus_take_the_sdpa_path(monkeypatch):
     monkeypatch.setattr(va, "_CAPABLE", {})
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
     assert va.flash_varlen_supported(torch.device("cuda", 0)) is True
+
+
+def test_deepspeed_keeps_the_fused_loss_and_says_so():
+    from loraforge.models.fast import FastPath, plan_fast_path
+
+    qwen3 = SimpleNamespace(model_type="qwen3", hidden_act="silu", attention_dropout=0.0, sliding_window=None)
+    cfg = _cfg()
+    cfg.training = SimpleNamespace(deepspeed="examples/deepspeed/ds_config_zero3.json", fsdp=None)
+    plan = plan_fast_path(cfg, qwen3)
+    assert not plan.enabled and plan.fused_loss and "DeepSpeed" in plan.reason
+    assert "fused linear cross-entropy" in FastPath(plan).summary()
+    cfg.training = SimpleNamespace(deepspeed=None, fsdp="full_shard auto_wrap")
+    plan = plan_fast_path(cfg, qwen3)
+    assert not plan.enabled and not plan.fused_loss and "FSDP" in plan.reason
+    assert not plan_fast_path(_cfg(use_dora=True), qwen3).fused_loss
+    assert plan_fast_path(_cfg(), qwen3).fused_loss
+
+
+def test_fused_loss_gathers_a_zero3_partitioned_output_weight(monkeypatch):
+    """Under ZeRO-3 the output weight outside its module's forward is an empty shard; the loss gathers it
+    through deepspeed.zero.GatheredParameters (read-only) and equals the standard loss."""
+    import sys
+    import types
+
+    model = tiny_model("qwen3")
+    ids = torch.randint(0, 256, (2, 24))
+    expected = standard_loss(model, ids, ids).detach()
+    head = model.get_base_model().get_output_embeddings()
+    full = head.weight.data
+    gathered = []
+
+    class GatheredParameters:  # what deepspeed.zero.GatheredParameters does to a partitioned parameter
+        def __init__(self, params, modifier_rank=None):
+            self.params, self.modifier_rank = params, modifier_rank
+
+        def __enter__(self):
+            gathered.append(self.modifier_rank)
+            for p in self.params:
+                p.data = full
+
+        def __exit__(self, *exc):
+            for p in self.params:
+                p.data = torch.empty(0)
+
+    fake = types.ModuleType("deepspeed")
+    fake.zero = SimpleNamespace(GatheredParameters=GatheredParameters)
+    monkeypatch.setitem(sys.modules, "deepspeed", fake)
+    loss_fn = FusedCausalLMLoss(model)
+    try:
+        out = model(input_ids=ids, logits_to_keep=no_logits(ids))
+        head.weight.ds_id = 7
+        head.weight.data = torch.empty(0)  # partitioned: this rank holds no element outside the forward
+        loss = loss_fn(out, ids)
+    finally:
+        loss_fn.close()
+        head.weight.data = full
+        del head.weight.ds_id
+    assert gathered == [None] and head.weight.shape == full.shape
+    assert torch.allclose(loss, expected, rtol=1e-5)
+
+
+def test_fused_loss_takes_fp32_final_states_with_a_16bit_head():
+    """The standard path's QLoRA preparation keeps fp32 norms; the loss casts their output to the head's dtype,
+    as autocast does for the output layer."""
+    model = tiny_model("qwen3")
+    ids = torch.randint(0, 256, (2, 24))
+    head = model.get_base_model().get_output_embeddings()
+    reference = torch.nn.functional.cross_entropy(
+        (model(input_ids=ids, output_hidden_states=True).hidden_states[-1][:, :-1].bfloat16()
+         @ head.weight.bfloat16().T).float().reshape(-1, head.weight.shape[0]), ids[:, 1:].reshape(-1))
+    loss_fn = FusedCausalLMLoss(model)
+    try:
+        out = model(input_ids=ids, logits_to_keep=no_logits(ids))  # fp32 final states
+        head.weight.data = head.weight.data.bfloat16()
+        loss = loss_fn(out, ids)
+    finally:
+        loss_fn.close()
+    assert torch.allclose(loss, reference, rtol=1e-3)

@@ -209,8 +209,9 @@ def estimate_memory(s: Scenario) -> Breakdown:
 
     acts, block_extra = _activations(s)
     logits = LOGITS_BYTES_PER_VOCAB * a.vocab_size * s.tokens
-    if s.fast_path:  # chunked loss: the final hidden states, their gradient and one chunk of logits
+    if s.fast_path or s.fused_loss:  # chunked loss: the final hidden states, their gradient and one chunk of logits
         logits = 2 * 2.0 * a.hidden_size * s.tokens + FAST_LOSS_CHUNK
+    if s.fast_path:
         if s.gradient_checkpointing:
             host["checkpoints (fast path, pinned)"] = 1.25 * a.num_layers * 2.0 * a.hidden_size * s.tokens * n
     cache, saved_copies = _autocast_copies(s, n_train)

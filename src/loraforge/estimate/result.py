@@ -60,6 +60,9 @@ def _notes(s: Scenario, b: Breakdown) -> list[str]:
         notes.append("fast path (fast_path: auto): 16-bit norms, chunked loss, checkpoints in pinned host memory; "
                      "fitted to 3 H200 measurements of Qwen3-8B QLoRA (benchmarks/results/"
                      "memory_calibration_fast.json); `fast_path=off` estimates the standard path")
+    elif s.fused_loss:
+        notes.append("DeepSpeed keeps the standard decoder, but the loss is loraforge's chunked linear cross-entropy "
+                     "(no full-vocabulary logits); `fast_path=off` estimates the full logits")
     if s.zero_stage >= 1:
         notes.append("DeepSpeed figures follow ZeRO's published memory model; they are not calibrated on GPUs")
     if s.precision == "fp16":

@@ -88,6 +88,7 @@ class Scenario:
     double_quant: bool = True
     upcast_norms: bool | None = None  # None: what loraforge's loader does (QLoRA keeps norms in fp32)
     fast_path: bool = False  # loraforge's fast path (16-bit norms, chunked loss, checkpoints in host memory)
+    fused_loss: bool = False  # the chunked loss alone (DeepSpeed keeps the standard decoder, not the loss)
     int8_outlier_fraction: float = 0.01  # share of LLM.int8 input columns kept in 16/32 bits
 
     def __post_init__(self) -> None:
@@ -190,13 +191,15 @@ def scenario_from_config(cfg: "RunConfig", *, num_gpus: int | None = None) -> Sc
     checkpointing = bool(gc) if gc is not None else not m.disable_gradient_checkpointing
     stage, off_opt, off_par = _deepspeed_settings(x.get("deepspeed"), cfg.source)
     gpus = num_gpus or int(x.get("nproc_per_node") or 1)
-    fast = (f.fast_path != "off" and method in ("lora", "qlora-4", "qlora-8") and not f.use_dora
-            and not f.pissa_init and stage == 0 and not x.get("fsdp") and not m.upcast_layernorm
-            and arch.model_type in FAST_PATH_FAMILIES)
+    covered = (f.fast_path != "off" and method in ("lora", "qlora-4", "qlora-8") and not f.use_dora
+               and not f.pissa_init and not x.get("fsdp") and not m.upcast_layernorm
+               and arch.model_type in FAST_PATH_FAMILIES)
+    fast = covered and stage == 0
     return Scenario(
         arch=arch, method=method, lora_rank=f.lora_rank, lora_targets=targets,
         freeze_layers=abs(f.freeze_trainable_layers), batch_size=int(x.get("per_device_train_batch_size", 8)),
         seq_len=d.cutoff_len, grad_accum=int(x.get("gradient_accumulation_steps", 1)),
         gradient_checkpointing=checkpointing, optim=str(x.get("optim", "adamw_torch")), precision=precision,
         num_gpus=gpus, zero_stage=stage, offload_optimizer=off_opt, offload_params=off_par,
-        double_quant=m.double_quantization, upcast_norms=True if m.upcast_layernorm else None, fast_path=fast)
+        double_quant=m.double_quantization, upcast_norms=True if m.upcast_layernorm else None, fast_path=fast,
+        fused_loss=covered)

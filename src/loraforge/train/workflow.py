@@ -128,7 +128,7 @@ def run_train(cfg: RunConfig, *, extra_callbacks: list | None = None) -> TrainOu
     plan = plan_fast_path(cfg)
     model = load_model(cfg, tokenizer, is_trainable=True, fast_path=plan.enabled)
     fast = apply_fast_path(model, plan)
-    loss_func = FusedCausalLMLoss(model) if fast.enabled else None
+    loss_func = FusedCausalLMLoss(model) if plan.fused_loss else None
     if fast.enabled and args.ddp_find_unused_parameters is None:
         # The fast path's checkpoint recomputes each layer inside backward (reentrant), so DDP must not mark the
         # layer's LoRA weights "unused" after forward; every adapter weight of a covered dense model is used.

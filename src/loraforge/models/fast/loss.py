@@ -11,7 +11,8 @@ by ``num_items_in_batch`` (the token count of the whole optimizer step) when giv
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 
@@ -43,7 +44,10 @@ class FusedCausalLMLoss:
         width = hidden.shape[-1]
         target = labels[..., 1:].to(hidden.device).reshape(-1)
         states = hidden[..., :-1, :].reshape(-1, width)
-        loss = linear_cross_entropy(states, self.head.weight, target, ignore_index=IGNORE_INDEX, reduction="sum")
+        with _gathered(self.head.weight) as weight:  # the gradient of `states` is computed in this call
+            if states.dtype != weight.dtype and weight.dtype in (torch.float16, torch.bfloat16):
+                states = states.to(weight.dtype)  # what autocast does to the output layer's input (fp32 norms)
+            loss = linear_cross_entropy(states, weight, target, ignore_index=IGNORE_INDEX, reduction="sum")
         if num_items_in_batch is None:
             return loss / (target != IGNORE_INDEX).sum().clamp(min=1)
         if torch.is_tensor(num_items_in_batch):
@@ -52,6 +56,19 @@ class FusedCausalLMLoss:
 
     def close(self) -> None:
         self._handle.remove()
+
+
+@contextlib.contextmanager
+def _gathered(weight: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The whole output weight: DeepSpeed ZeRO-3 keeps only a shard of it outside the module's own forward, so
+    it is gathered (read-only) for the loss and released after; any other weight is used as it is."""
+    if getattr(weight, "ds_id", None) is None:
+        yield weight
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+        yield weight
 
 
 def no_logits(input_ids: torch.Tensor) -> torch.Tensor:
