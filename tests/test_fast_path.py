@@ -398,3 +398,48 @@ def test_fused_loss_takes_fp32_final_states_with_a_16bit_head():
     finally:
         loss_fn.close()
     assert torch.allclose(loss, reference, rtol=1e-3)
+
+
+def test_fused_loss_builds_on_the_output_of_later_hooks():
+    """DeepSpeed ZeRO-3 wraps each module's output (a forward hook added when the engine starts) so that backward
+    gathers the module's weights first. After `rehook` (at train begin) the loss builds on that wrapped output."""
+    model = tiny_model("qwen3")
+    ids = torch.randint(0, 256, (2, 24))
+    backward_through_wrapper = []
+
+    class Wrapped(torch.autograd.Function):  # what ZeRO-3's pre-backward function does, minus the gathering
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            backward_through_wrapper.append(True)
+            return grad
+
+    loss_fn = FusedCausalLMLoss(model)
+    norm = model.get_base_model().model.norm
+    handle = norm.register_forward_hook(lambda _m, _i, out: Wrapped.apply(out))  # added later, as DeepSpeed's
+    try:
+        loss_fn(model(input_ids=ids, logits_to_keep=no_logits(ids)), ids).backward()
+        assert not backward_through_wrapper  # the problem: the loss skipped the wrapper
+        loss_fn.rehook()
+        loss_fn(model(input_ids=ids, logits_to_keep=no_logits(ids)), ids).backward()
+        assert backward_through_wrapper
+    finally:
+        handle.remove()
+        loss_fn.close()
+
+
+def test_fsdp_qlora_casts_every_floating_weight_to_one_dtype():
+    """FSDP flattens a wrapped block into one tensor: fp32 LoRA weights next to 16-bit ones fail to wrap."""
+    from loraforge.models.adapters import cast_trainable_to_fp32
+    from loraforge.models.loader import cast_floating
+
+    model = tiny_model("qwen3")
+    model.get_base_model().model.norm.weight.data = model.get_base_model().model.norm.weight.data.bfloat16()
+    cast_trainable_to_fp32(model)
+    assert len({p.dtype for p in model.parameters()}) == 2
+    assert cast_floating(model, torch.bfloat16) > 0
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert any(p.requires_grad for p in model.parameters())

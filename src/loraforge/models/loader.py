@@ -247,14 +247,17 @@ def load_model(cfg: "RunConfig", tokenizer: Any, *, is_trainable: bool, fast_pat
     if m.upcast_lmhead_output:
         _fp32_head_output(model)
 
+    fsdp_qlora = is_trainable and quant is not None and bool(getattr(cfg.training, "fsdp", None))
     if is_trainable:
         gradient_checkpointing = not m.disable_gradient_checkpointing
         if quant is not None:
             prepare_for_kbit_training(model, gradient_checkpointing=gradient_checkpointing,
-                                      use_reentrant=m.use_reentrant_gc, upcast=not fast_path)
+                                      use_reentrant=m.use_reentrant_gc, upcast=not (fast_path or fsdp_qlora))
         elif gradient_checkpointing:
             _enable_checkpointing(model, cfg)
     model = setup_finetuning(cfg, model, is_trainable=is_trainable, new_token_ids=new_token_ids)
+    if fsdp_qlora:  # FSDP flattens each wrapped block into one tensor of one dtype: 4-bit storage, norms, LoRA
+        cast_floating(model, dtype)
     if is_trainable:
         model.train()
     else:
@@ -266,3 +269,15 @@ def load_model(cfg: "RunConfig", tokenizer: Any, *, is_trainable: bool, fast_pat
             logger.info("%s: %s %s %s", name, tuple(param.shape), param.dtype,
                         "trainable" if param.requires_grad else "frozen")
     return model
+
+
+def cast_floating(model: Any, dtype: Any) -> int:
+    """Cast every floating-point parameter that is not ``dtype`` to it (FSDP-QLoRA: the 4-bit weights are stored
+    in ``dtype`` and FSDP needs one dtype per wrapped block); returns how many were cast. The adapter trains in
+    ``dtype`` then, as in the published FSDP-QLoRA recipes."""
+    count = 0
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            count += 1
+    return count

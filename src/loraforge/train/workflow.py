@@ -166,6 +166,8 @@ def run_train(cfg: RunConfig, *, extra_callbacks: list | None = None) -> TrainOu
         from ..evaluate.accuracy import accuracy_metrics, argmax_logits
 
         metric_kwargs = {"compute_metrics": accuracy_metrics, "preprocess_logits_for_metrics": argmax_logits}
+    if loss_func is not None:
+        callbacks.append(loss_func.callback())  # its hook runs after those of DeepSpeed's wrapping
     trainer = LoraforgeTrainer(
         model=model, args=args, train_dataset=bundle.train, eval_dataset=bundle.eval,
         data_collator=build_collator(cfg, tokenizer), processing_class=tokenizer,

@@ -32,7 +32,27 @@ class FusedCausalLMLoss:
         if getattr(self.head, "bias", None) is not None:
             raise ValueError("the fused loss expects an output layer without bias")
         self._hidden: torch.Tensor | None = None
-        self._handle = _decoder(model).norm.register_forward_hook(self._capture)
+        self._norm = _decoder(model).norm
+        self._handle = self._norm.register_forward_hook(self._capture)
+
+    def rehook(self) -> None:
+        """Hook the final norm again, after every hook added since: DeepSpeed ZeRO-3 replaces each module's output
+        with one whose backward first gathers the module's partitioned weights, and the loss must build on that
+        output (not the raw one, whose backward would meet the released, empty norm weight)."""
+        self._handle.remove()
+        self._handle = self._norm.register_forward_hook(self._capture)
+
+    def callback(self) -> Any:
+        """A TrainerCallback that calls :meth:`rehook` once the Trainer has wrapped the model (train begin)."""
+        from transformers import TrainerCallback
+
+        loss = self
+
+        class _Rehook(TrainerCallback):
+            def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                loss.rehook()
+
+        return _Rehook()
 
     def _capture(self, _module: Any, _inputs: Any, output: torch.Tensor) -> None:
         self._hidden = output
