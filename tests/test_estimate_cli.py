@@ -45,7 +45,9 @@ def test_json_output(capsys):
     assert data["fits"] is False and data["gpu"]["memory_gib"] == 24.0
     assert data["scenario"]["lora_rank"] == 16 and data["trainable_params"] == 10_092_544
     assert data["suggestions"] and all(s["fits"] for s in data["suggestions"])
-    assert data["suggestions"][0]["change"] == "gradient checkpointing on"
+    # fast_path=off was asked: turning it back on changes nothing in the training, so it comes first
+    assert data["suggestions"][0]["change"] == "the fast path (fast_path: auto)"
+    assert data["suggestions"][1]["change"] == "gradient checkpointing on"
 
 
 def test_config_file_with_overrides(capsys, tmp_path):

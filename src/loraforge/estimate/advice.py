@@ -68,21 +68,26 @@ def _shorter_sequences(s: Scenario, gpu_gib: float) -> Iterator[Candidate]:
             return
 
 
+def _under_deepspeed(s: Scenario, **changes) -> Scenario:
+    """``s`` under DeepSpeed: the fast path's modules give way to the standard decoder; its loss stays."""
+    return replace(s, fast_path=False, fused_loss=s.fused_loss or s.fast_path, **changes)
+
+
 def _zero(s: Scenario, gpu_gib: float) -> Iterator[Candidate]:
     if s.num_gpus < 2:
         return
     if s.zero_stage < 3:
         for stage in (2, 3):
             if stage > s.zero_stage:
-                t = replace(s, zero_stage=stage)
+                t = _under_deepspeed(s, zero_stage=stage)
                 yield (f"DeepSpeed ZeRO-{stage} across the {s.num_gpus} GPUs", (f"deepspeed=z{stage}",),
                        "more communication, same results", t)
     if not s.offload_optimizer and s.zero_stage <= 2:
-        t = replace(s, zero_stage=2, offload_optimizer=True)
+        t = _under_deepspeed(s, zero_stage=2, offload_optimizer=True)
         yield ("DeepSpeed ZeRO-2 with optimizer offload to CPU", ("deepspeed=z2_offload",),
                "slower steps, more host RAM", t)
     if not s.offload_params:
-        t = replace(s, zero_stage=3, offload_optimizer=True, offload_params=True)
+        t = _under_deepspeed(s, zero_stage=3, offload_optimizer=True, offload_params=True)
         yield ("DeepSpeed ZeRO-3 with parameter and optimizer offload to CPU", ("deepspeed=z3_offload",),
                "much slower steps, much more host RAM", t)
 
@@ -110,9 +115,27 @@ def _checkpointing(s: Scenario, gpu_gib: float) -> Iterator[Candidate]:
                replace(s, gradient_checkpointing=True))
 
 
+def _fast_path(s: Scenario, gpu_gib: float) -> Iterator[Candidate]:
+    """The fast path where it was turned off (or DeepSpeed kept it out) and the model and method are covered."""
+    from .scenario import FAST_PATH_FAMILIES
+
+    covered = (s.method in ("lora", "qlora-4", "qlora-8") and s.arch.model_type in FAST_PATH_FAMILIES
+               and not s.upcast_norms)
+    if s.fast_path or not covered:
+        return
+    if s.zero_stage == 0:
+        yield ("the fast path (fast_path: auto)", ("fast_path=auto",), "none: the same training, faster",
+               replace(s, fast_path=True, fused_loss=True))
+    elif s.num_gpus > 1 or s.zero_stage:
+        yield ("plain DDP on the fast path instead of DeepSpeed", ("deepspeed=null", "fast_path=auto"),
+               "none: the same training, faster; each GPU holds the whole 4-bit model",
+               replace(s, zero_stage=0, offload_optimizer=False, offload_params=False, fast_path=True,
+                       fused_loss=True))
+
+
 # cheapest first
 GENERATORS: tuple[Callable[[Scenario, float], Iterator[Candidate]], ...] = (
-    _checkpointing, _micro_batches, _zero, _optimizer, _method, _shorter_sequences)
+    _fast_path, _checkpointing, _micro_batches, _zero, _optimizer, _method, _shorter_sequences)
 
 
 def suggest(s: Scenario, gpu: GPU, *, limit: int = 4) -> list[Suggestion]:

@@ -34,6 +34,7 @@ HOST_PER_PROCESS = 3.0 * GIB  # Python, torch + CUDA libraries, tokenizer and da
 HOST_LOAD_SHARD = 5.0 * GIB  # from_pretrained materialises at most one checkpoint shard at a time
 NF4_BYTES = 0.5  # two 4-bit values per byte
 # fast path (fitted to benchmarks/results/memory_calibration_fast.json, H200)
+ZERO3_GATHERED = 1.0  # share of the whole model's weights resident at a ZeRO-3 peak (measured, see estimate_memory)
 FAST_LOSS_CHUNK = 512 * MIB  # one chunk of 16-bit logits turned into their gradient in place, plus its GEMM out
 FAST_RECOMPUTE_BLOCKS = 1.5  # at a block's backward: its recomputed activations and the gradients flowing through
 
@@ -196,6 +197,11 @@ def estimate_memory(s: Scenario) -> Breakdown:
             layer = a.params_per_layer() * weight_bytes_per_param(s) + (n_train / a.num_layers) * 2.0
             head = a.vocab_size * a.hidden_size * (4.0 if s.precision == "fp32" else 2.0)
             working = max(2 * layer, layer + head) + 0.9 * a.hidden_size**2 * 2.0  # gathered + prefetch bucket
+            if s.quant_bits is not None:
+                # Measured on two H200s (benchmarks/results/memory_calibration_zero.json: Qwen3-8B and -14B QLoRA,
+                # the seed's ds_config_zero3.json): with k-bit weights ZeRO-3 keeps what it gathered within a
+                # step, so the peak holds the whole model's weights, not the two layers of the textbook.
+                working = max(working, (frozen + train_w) * ZERO3_GATHERED)
             if s.offload_params:
                 host["parameters (ZeRO offload)"] = frozen + train_w
                 frozen, train_w = working, 0.0

@@ -63,7 +63,10 @@ def _notes(s: Scenario, b: Breakdown) -> list[str]:
     elif s.fused_loss:
         notes.append("DeepSpeed keeps the standard decoder, but the loss is loraforge's chunked linear cross-entropy "
                      "(no full-vocabulary logits); `fast_path=off` estimates the full logits")
-    if s.zero_stage >= 1:
+    if s.zero_stage >= 1 and s.quant_bits is not None:
+        notes.append("DeepSpeed with QLoRA: fitted to ZeRO-2, ZeRO-3 and ZeRO-3 + offload runs of Qwen3-8B/14B on two "
+                     "H200s, each within 7% (benchmarks/results/memory_calibration_zero.json)")
+    elif s.zero_stage >= 1:
         notes.append("DeepSpeed figures follow ZeRO's published memory model; they are not calibrated on GPUs")
     if s.precision == "fp16":
         notes.append("fp16 mixed precision: the same bytes as bf16 (loss scaling adds no large tensors)")
