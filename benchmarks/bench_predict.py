@@ -16,6 +16,10 @@ import json
 import platform
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from qwen3_shapes import SHAPES, qwen3_config  # noqa: E402
 
 STOP_IDS = [151645, 151643]  # <|im_end|>, <|endoftext|>
 PAD_ID = 151643
@@ -30,7 +34,7 @@ def _sync() -> None:
 
 def build_model(size: str, device: str):
     import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
     cfg = qwen3_config(size, head_dim=128)
     torch.manual_seed(0)

@@ -23,6 +23,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from qwen3_shapes import qwen3_config  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_RANK = 16
@@ -113,7 +117,7 @@ def worker(spec: dict) -> dict:
     """Run one configuration and return its measured row."""
     import torch
     import transformers
-    from transformers import Qwen3Config, Qwen3ForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import Qwen3ForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     cuda = torch.cuda.is_available() and spec["size"] != "tiny"
     fp16 = spec.get("precision") == "fp16"

@@ -30,4 +30,7 @@ def qwen3_config(size: str, **overrides):
                   rope_theta=1000000.0, rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645,
                   pad_token_id=151643, **SHAPES[size])
     kwargs.update(overrides)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # a smaller test vocabulary has no such ids
+        if kwargs[key] is not None and kwargs[key] >= kwargs["vocab_size"]:
+            kwargs[key] = None
     return Qwen3Config(**kwargs)
