@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 from ._field import arg
 
@@ -26,6 +26,10 @@ class ModelArguments:
     flash_attn: str = arg("auto", "Attention kernel: auto, sdpa, fa2 (flash-attention 2), disabled (eager).",
                           ("auto", "disabled", "sdpa", "fa2"))
     disable_gradient_checkpointing: bool = arg(False, "Turn off gradient checkpointing (on by default).")
+    checkpoint_layers: Union[int, str] = arg(
+        "all", "With gradient checkpointing on, how many decoder layers recompute in backward: `all`; `auto` (as many "
+        "as the GPU's free memory requires, from the memory model: the other, last layers keep their activations "
+        "and skip the recompute); or a number (the first N layers recompute, the rest keep their activations).")
     use_reentrant_gc: bool = arg(False, "Use reentrant gradient checkpointing (non-reentrant is the default).")
     upcast_layernorm: bool = arg(False, "Keep layer norm weights in fp32.")
     upcast_lmhead_output: bool = arg(False, "Compute lm_head output in fp32.")
@@ -46,3 +50,18 @@ class ModelArguments:
     quantization_device_map: Optional[str] = arg(None, "Device map for quantized loading ('auto' to spread).")
     # memory estimate shown before training
     estimate_gpu: Optional[str] = arg(None, "GPU name for the pre-training memory check (default: detected).")
+
+
+def checkpoint_layers_setting(value: Union[int, str, None]) -> Union[int, str]:
+    """``checkpoint_layers`` as ``"all"``, ``"auto"`` or a layer count >= 0; ValueError naming the accepted forms."""
+    if value is None:
+        return "all"
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("all", "auto"):
+            return text
+        if text.isdigit():
+            return int(text)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise ValueError(f"`checkpoint_layers` must be all, auto or a number of layers (0 or more), got {value!r}")

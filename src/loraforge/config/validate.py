@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Collection, Mapping
 
 from .engines import distributed_problems, resolve_deepspeed, training_defaults  # noqa: F401 - re-exported
 from .finetuning import micro_batch_tokens_setting
+from .model import checkpoint_layers_setting
 from .training import adjust_training_values  # noqa: F401 - re-exported for existing importers
 
 if TYPE_CHECKING:
@@ -138,6 +139,14 @@ def training_problems(cfg: "RunConfig", given: Mapping[str, Any], hf: Mapping[st
     # HF's key and LLaMA-Factory's negative one must agree
     if given.get("gradient_checkpointing") is True and cfg.model.disable_gradient_checkpointing:
         p.append("`gradient_checkpointing: true` and `disable_gradient_checkpointing: true` contradict each other")
+    try:
+        layers = checkpoint_layers_setting(cfg.model.checkpoint_layers)
+    except ValueError as err:
+        p.append(str(err))
+    else:
+        if layers != "all" and cfg.model.disable_gradient_checkpointing:
+            p.append(f"`checkpoint_layers: {layers}` chooses layers to checkpoint, but gradient checkpointing is off "
+                     "(`disable_gradient_checkpointing: true`); drop one of the two")
     if purpose != "train":
         return p
     eval_strategy = str(_plain(hf["eval_strategy"]))

@@ -148,13 +148,16 @@ def _activations(s: Scenario) -> tuple[float, float]:
     trainable = s.method in ("full", "freeze")
     if s.fast_path:  # checkpoints go to pinned host memory: only the block being recomputed is on the GPU
         block = fast_block_bytes_per_token(s)
-        if s.gradient_checkpointing:
-            return 2.0 * a.hidden_size * t, FAST_RECOMPUTE_BLOCKS * block * t
+        if s.gradient_checkpointing:  # the last kept_layers keep their activations (checkpoint_layers)
+            recompute = FAST_RECOMPUTE_BLOCKS * block * t if s.kept_layers < a.num_layers else 0.0
+            return (2.0 * a.hidden_size + s.kept_layers * block) * t, recompute
         return block * a.num_layers * t, 0.0
     block = block_bytes_per_token(s, trainable_layer=trainable)
     final_norm = 4 * a.hidden_size
     if s.gradient_checkpointing:
-        kept = trained_blocks * checkpoint_bytes_per_token(s, trainable_layer=trainable) + final_norm
+        whole = min(s.kept_layers, trained_blocks)
+        kept = ((trained_blocks - whole) * checkpoint_bytes_per_token(s, trainable_layer=trainable)
+                + whole * block + final_norm)
         return ACTIVATION_SCALE * kept * t, ACTIVATION_SCALE * 2 * block * t
     return ACTIVATION_SCALE * (trained_blocks * block + final_norm) * t, 0.0
 

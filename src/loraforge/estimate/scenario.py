@@ -89,6 +89,7 @@ class Scenario:
     upcast_norms: bool | None = None  # None: what loraforge's loader does (QLoRA keeps norms in fp32)
     fast_path: bool = False  # loraforge's fast path (16-bit norms, chunked loss, checkpoints in host memory)
     fused_loss: bool = False  # the chunked loss alone (DeepSpeed keeps the standard decoder, not the loss)
+    kept_layers: int = 0  # with checkpointing: the last layers that keep their activations (checkpoint_layers)
     int8_outlier_fraction: float = 0.01  # share of LLM.int8 input columns kept in 16/32 bits
 
     def __post_init__(self) -> None:
@@ -100,6 +101,9 @@ class Scenario:
         for name in ("lora_rank", "batch_size", "seq_len", "grad_accum", "num_gpus"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.kept_layers <= self.arch.num_layers:
+            problems.append(f"layers that keep their activations must be 0 to {self.arch.num_layers}, "
+                            f"got {self.kept_layers}")
         if self.zero_stage not in (0, 1, 2, 3):
             problems.append(f"DeepSpeed ZeRO stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.offload_params and self.zero_stage != 3:
@@ -202,4 +206,15 @@ def scenario_from_config(cfg: "RunConfig", *, num_gpus: int | None = None) -> Sc
         gradient_checkpointing=checkpointing, optim=str(x.get("optim", "adamw_torch")), precision=precision,
         num_gpus=gpus, zero_stage=stage, offload_optimizer=off_opt, offload_params=off_par,
         double_quant=m.double_quantization, upcast_norms=True if m.upcast_layernorm else None, fast_path=fast,
-        fused_loss=covered)
+        fused_loss=covered, kept_layers=_kept_layers(m, arch.num_layers, checkpointing))
+
+
+def _kept_layers(m: Any, layers: int, checkpointing: bool) -> int:
+    """``checkpoint_layers: N`` as the number of last layers that keep their activations (``auto`` is decided at
+    train time from the free memory, so it is estimated as ``all``)."""
+    from ..config.model import checkpoint_layers_setting
+
+    setting = checkpoint_layers_setting(m.checkpoint_layers)
+    if not checkpointing or not isinstance(setting, int):
+        return 0
+    return max(layers - min(setting, layers), 0)

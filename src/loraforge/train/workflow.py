@@ -94,6 +94,7 @@ def run_train(cfg: RunConfig, *, extra_callbacks: list | None = None) -> TrainOu
     from ..models.fast.loss import FusedCausalLMLoss
     from ..models.loader import load_model, load_tokenizer, summarize_model
     from .plotting import plot_loss
+    from .checkpoint_policy import apply_checkpoint_plan, plan_checkpointing
     from .token_budget import plan_token_batching
     from .trainer import LoraforgeTrainer
 
@@ -140,13 +141,18 @@ def run_train(cfg: RunConfig, *, extra_callbacks: list | None = None) -> TrainOu
         pissa_init_dir = save_pissa_initial(model, str(output_dir))  # the reference for conversion at the end
     summary = summarize_model(model)
     token_batching = plan_token_batching(cfg, model, args)  # the same optimizer steps, fewer packed micro-batches
+    # which layers recompute in backward (checkpoint_layers), for micro-batches of the token budget
+    checkpointing = plan_checkpointing(
+        cfg, model, args, token_batching.budget or args.per_device_train_batch_size * cfg.data.cutoff_len)
+    still_checkpointed = apply_checkpoint_plan(model, checkpointing)
+    fast.offloaded = min(fast.offloaded, still_checkpointed)
     world = max(args.world_size, 1)
     effective = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
     summary_lines = summary.lines() + [
         f"effective batch size: {args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} "
         f"accumulation x {world} process(es) = {effective}",
-        f"precision: {'bf16' if args.bf16 else 'fp16' if args.fp16 else 'fp32'}; "
-        f"gradient checkpointing: {'off' if cfg.model.disable_gradient_checkpointing else 'on'}",
+        f"precision: {'bf16' if args.bf16 else 'fp16' if args.fp16 else 'fp32'}",
+        checkpointing.line,
         fast.summary(),
         token_batching.line,
     ]
