@@ -204,7 +204,7 @@ def test_lora_linear_function(kind, dropout):
 
 def _cfg(**over):
     finetuning = dict(finetuning_type="lora", use_dora=False, pissa_init=False, fast_path="auto")
-    model = dict(upcast_layernorm=False, flash_attn="auto")
+    model = dict(upcast_layernorm=False, flash_attn="auto", disable_gradient_checkpointing=False)
     for key, value in over.items():
         (finetuning if key in finetuning else model)[key] = value
     return SimpleNamespace(finetuning=SimpleNamespace(**finetuning), model=SimpleNamespace(**model),
@@ -308,6 +308,12 @@ def test_deepspeed_keeps_the_fused_loss_and_says_so():
     plan = plan_fast_path(cfg, qwen3)
     assert not plan.enabled and not plan.fused_loss and "FSDP" in plan.reason
     assert not plan_fast_path(_cfg(use_dora=True), qwen3).fused_loss
+    # DDP's unused-parameter search breaks on the fast path's checkpoint ("marked ready twice"): standard path
+    cfg.training = SimpleNamespace(deepspeed=None, fsdp=None, ddp_find_unused_parameters=True, world_size=2)
+    plan = plan_fast_path(cfg, qwen3)
+    assert not plan.enabled and "ddp_find_unused_parameters" in plan.reason
+    cfg.training.world_size = 1  # one process: no DDP, the key does nothing
+    assert plan_fast_path(cfg, qwen3).enabled
     assert plan_fast_path(_cfg(), qwen3).fused_loss
 
 

@@ -105,6 +105,10 @@ def _uncovered_reason(cfg: Any, config: Any) -> str | None:
         return DEEPSPEED_REASON
     if args is not None and getattr(args, "fsdp", None):
         return "FSDP shards the weights; the fast path runs on single-GPU and DDP"
+    if (args is not None and getattr(args, "ddp_find_unused_parameters", None) and not m.disable_gradient_checkpointing
+            and getattr(args, "world_size", 1) > 1):
+        return ("ddp_find_unused_parameters: true (DDP's search for unused weights cannot follow the fast path's "
+                "checkpoint, which recomputes each layer inside backward; drop the key to take the fast path)")
     return None
 
 
