@@ -7,7 +7,10 @@ real here), seconds/step, peak allocated memory, first/last loss; with the comma
 
     python benchmarks/peers/bench_peers.py --size 8b --regimes a,b,c --out benchmarks/results/peers_8b
     # a: seq 2048 x batch 4, each stack's default checkpointing; b: no checkpointing; c: seq 16384 x batch 1
-Workers: loraforge, loraforge_std (fast_path: off), hf, unsloth; `_nogc` turns checkpointing off.
+Workers: loraforge, loraforge_std (fast_path: off), hf, unsloth; `_nogc` turns checkpointing off; loraforge's
+`_ckauto` sets `checkpoint_layers: auto` and `_ck<N>` `checkpoint_layers: N` (e.g. loraforge_ckauto, loraforge_ck18).
+`--seqs 16384,24576,32768 --cap-gib 24` runs each worker at batch 1 at each length under a 24 GiB cap
+(`torch.cuda.set_per_process_memory_fraction`): the longest that trains is the one to compare.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -161,6 +165,9 @@ def worker_loraforge(kind: str, path: str, seq: int, bs: int, steps: int, warmup
         cfg["disable_gradient_checkpointing"] = True
     if kind.startswith("loraforge_std"):
         cfg["fast_path"] = "off"
+    layers = re.search(r"_ck(auto|\d+)", kind)
+    if layers:
+        cfg["checkpoint_layers"] = layers.group(1) if layers.group(1) == "auto" else int(layers.group(1))
     times, losses = {}, []
 
     class Clock(TrainerCallback):
@@ -227,6 +234,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/peers")
     ap.add_argument("--profile", help="loraforge workers: write a torch.profiler table of the last measured step "
                     "here (that step is then not representative of speed)")
+    ap.add_argument("--seqs", help="instead of --regimes: these sequence lengths at batch 1 (comma list)")
+    ap.add_argument("--cap-gib", type=float, help="cap every worker's GPU memory at this many GiB")
     ap.add_argument("--worker")
     ap.add_argument("--seq", type=int)
     ap.add_argument("--bs", type=int)
@@ -235,6 +244,11 @@ def main() -> None:
     if a.worker == "make":
         make_model(a.size, path, Path(a.tokenizer) if a.tokenizer else None)
     elif a.worker:
+        if a.cap_gib:
+            import torch
+
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, a.cap_gib * 2**30 / total), 0)
         if a.worker.startswith("loraforge"):
             worker_loraforge(a.worker, str(path), a.seq, a.bs, a.steps, a.warmup, a.lora16, Path(a.path),
                              a.profile)
@@ -251,13 +265,16 @@ def main() -> None:
     rows = []
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    for regime in a.regimes.split(","):
-        spec = REGIMES[regime]
+    regimes = {f"s{n}": dict(seq=int(n), bs=1, workers=["loraforge", "unsloth"]) for n in a.seqs.split(",")} \
+        if a.seqs else {r: REGIMES[r] for r in a.regimes.split(",")}
+    for regime, spec in regimes.items():
         for w in (a.workers.split(",") if a.workers else spec["workers"]):
             cmd = [sys.executable, __file__, "--worker", w, "--path", a.path, "--size", a.size, "--seq",
                    str(spec["seq"]), "--bs", str(spec["bs"]), "--steps", str(a.steps), "--warmup", str(a.warmup)]
             if a.lora16:
                 cmd.append("--lora16")
+            if a.cap_gib:
+                cmd += ["--cap-gib", str(a.cap_gib)]
             t = time.time()
             try:
                 r = subprocess.run(cmd, timeout=a.timeout, capture_output=True, text=True)
