@@ -166,3 +166,23 @@ def test_training_run_reports_and_applies_it(tmp_path, tiny_qwen3_path, caplog):
     text = caplog.text
     assert "gradient checkpointing: 1 of 4 layers recompute in backward, the last 3 keep their activations" in text
     assert Path(out / "adapter_model.safetensors").is_file()
+
+
+def test_estimate_shows_what_auto_keeps_on_a_given_gpu():
+    from loraforge.config import load_config
+    from loraforge.estimate import scenario_from_config
+    from loraforge.estimate.gpus import find_gpu
+    from loraforge.estimate.result import build_estimate
+
+    cfg = load_config({"model_name_or_path": "qwen3-8b", "quantization_bit": 4, "cutoff_len": 2048, "bf16": True,
+                       "per_device_train_batch_size": 4, "checkpoint_layers": "auto"}, [], purpose="estimate",
+                      build_training_args=False)
+    s = scenario_from_config(cfg)
+    assert s.checkpoint_auto and s.kept_layers == 0
+    on_4090 = build_estimate(s, find_gpu("4090"))
+    kept = on_4090.scenario.kept_layers
+    assert 0 < kept < 36 and on_4090.fits  # some layers keep their activations, and it still fits
+    assert any(f"the last {kept} of 36 layers keep their activations" in n for n in on_4090.notes)
+    assert build_estimate(s, find_gpu("A100-80")).scenario.kept_layers == 36  # 47.7 GiB without checkpointing
+    assert build_estimate(s, find_gpu("T4")).scenario.kept_layers < kept
+    assert any("estimated as `all`" in n for n in build_estimate(s, None).notes)

@@ -34,6 +34,7 @@ HOST_PER_PROCESS = 3.0 * GIB  # Python, torch + CUDA libraries, tokenizer and da
 HOST_LOAD_SHARD = 5.0 * GIB  # from_pretrained materialises at most one checkpoint shard at a time
 NF4_BYTES = 0.5  # two 4-bit values per byte
 # fast path (fitted to benchmarks/results/memory_calibration_fast.json, H200)
+AUTO_MEMORY_SHARE = 0.85  # share of the free GPU memory the `auto` settings (token budget, checkpoint layers) plan for
 ZERO3_GATHERED = 1.0  # share of the whole model's weights resident at a ZeRO-3 peak (measured, see estimate_memory)
 FAST_LOSS_CHUNK = 512 * MIB  # one chunk of 16-bit logits turned into their gradient in place, plus its GEMM out
 FAST_RECOMPUTE_BLOCKS = 1.5  # at a block's backward: its recomputed activations and the gradients flowing through

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from .advice import Suggestion, suggest
 from .gpus import GPU, detect_gpus, find_gpu
-from .model import GIB, Breakdown, estimate_memory, trainable_params
+from .model import AUTO_MEMORY_SHARE, GIB, Breakdown, estimate_memory, trainable_params
 from .scenario import Scenario, scenario_from_config
 
 if TYPE_CHECKING:
@@ -84,8 +84,13 @@ def _notes(s: Scenario, b: Breakdown) -> list[str]:
 
 def build_estimate(s: Scenario, gpu: GPU | None = None, *, advise: bool = True) -> Estimate:
     """Estimate ``s``; with a GPU, add the verdict and (when it does not fit) the cheapest fixes."""
+    auto_note = None
+    if s.checkpoint_auto and s.gradient_checkpointing:
+        s, auto_note = _auto_checkpoint_layers(s, gpu)
     b = estimate_memory(s)
     est = Estimate(s, b, gpu, notes=_notes(s, b))
+    if auto_note:
+        est.notes.append(auto_note)
     if gpu is not None and est.fits is False and advise:
         est.suggestions = suggest(s, gpu)
     if gpu is not None and s.precision in ("bf16", "pure_bf16") and not gpu.bf16:
@@ -93,6 +98,26 @@ def build_estimate(s: Scenario, gpu: GPU | None = None, *, advise: bool = True) 
     if trainable_params(s) == 0:
         est.notes.append("nothing is trainable in this setup")
     return est
+
+
+def _auto_checkpoint_layers(s: Scenario, gpu: GPU | None) -> tuple[Scenario, str]:
+    """``checkpoint_layers: auto`` on ``gpu``: how many last layers keep their activations, by the rule training
+    uses (loraforge.train.checkpoint_policy) with the whole GPU free after the weights and the CUDA context."""
+    from dataclasses import replace
+
+    from .model import CUDA_CONTEXT
+
+    layers = s.arch.num_layers
+    if gpu is None:
+        return s, "checkpoint_layers: auto is chosen at train time from the GPU's free memory; estimated as `all`"
+    base = estimate_memory(replace(s, kept_layers=0))
+    per_layer = max(estimate_memory(replace(s, gradient_checkpointing=False)).allocated - base.allocated, 0.0)
+    per_layer /= max(layers, 1)
+    free = gpu.memory_gib * GIB - CUDA_CONTEXT - base.weights - base.adapter
+    usable = AUTO_MEMORY_SHARE * free - (base.allocated - base.weights - base.adapter)
+    kept = 0 if per_layer <= 0 or usable <= 0 else min(layers, int(usable // per_layer))
+    return replace(s, kept_layers=kept), (f"checkpoint_layers: auto on {gpu.name}: the last {kept} of {layers} layers "
+                                          "keep their activations (the rest recompute in backward)")
 
 
 def gpu_for(name: str | None, memory_gib: float | None) -> GPU | None:

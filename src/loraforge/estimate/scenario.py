@@ -90,6 +90,7 @@ class Scenario:
     fast_path: bool = False  # loraforge's fast path (16-bit norms, chunked loss, checkpoints in host memory)
     fused_loss: bool = False  # the chunked loss alone (DeepSpeed keeps the standard decoder, not the loss)
     kept_layers: int = 0  # with checkpointing: the last layers that keep their activations (checkpoint_layers)
+    checkpoint_auto: bool = False  # checkpoint_layers: auto (kept_layers follows the GPU of the estimate)
     int8_outlier_fraction: float = 0.01  # share of LLM.int8 input columns kept in 16/32 bits
 
     def __post_init__(self) -> None:
@@ -206,7 +207,8 @@ def scenario_from_config(cfg: "RunConfig", *, num_gpus: int | None = None) -> Sc
         gradient_checkpointing=checkpointing, optim=str(x.get("optim", "adamw_torch")), precision=precision,
         num_gpus=gpus, zero_stage=stage, offload_optimizer=off_opt, offload_params=off_par,
         double_quant=m.double_quantization, upcast_norms=True if m.upcast_layernorm else None, fast_path=fast,
-        fused_loss=covered, kept_layers=_kept_layers(m, arch.num_layers, checkpointing))
+        fused_loss=covered, kept_layers=_kept_layers(m, arch.num_layers, checkpointing),
+        checkpoint_auto=checkpointing and str(m.checkpoint_layers).strip().lower() == "auto")
 
 
 def _kept_layers(m: Any, layers: int, checkpointing: bool) -> int:

@@ -25,10 +25,9 @@ from typing import Any
 
 from ..config.model import checkpoint_layers_setting
 from ..errors import ConfigError
+from ..estimate.model import AUTO_MEMORY_SHARE as MEMORY_SHARE
 
 logger = logging.getLogger(__name__)
-
-MEMORY_SHARE = 0.85
 
 
 @dataclass
