@@ -18,7 +18,6 @@ import torch
 from loraforge.config.model import checkpoint_layers_setting
 from loraforge.errors import ConfigError
 from loraforge.models.fast import FastPathPlan, apply_fast_path
-from loraforge.train import checkpoint_policy
 from loraforge.train.checkpoint_policy import CheckpointPlan, apply_checkpoint_plan, plan_checkpointing
 
 from fast_models import lora_grads, tiny_model
@@ -80,20 +79,55 @@ def test_auto_on_a_cpu_checkpoints_every_layer():
     assert (plan.checkpointed, plan.kept) == (2, 0) and "no GPU visible" in plan.line
 
 
-def test_auto_keeps_what_the_free_memory_holds(monkeypatch):
-    """usable = 0.85 x free - pending; kept = usable // per_layer, at most every layer."""
+def test_auto_asks_the_memory_model_with_the_measured_free_memory(monkeypatch):
+    """Training measures free + cached-unused memory and asks the shared rule for a micro-batch of `tokens`."""
+    import loraforge.estimate as estimate
+    import loraforge.estimate.model as memory_model
+    from loraforge.estimate.architectures import BUILTIN_ARCHITECTURES
+    from loraforge.estimate.scenario import Scenario
+
     gib = 2**30
-    monkeypatch.setattr(checkpoint_policy, "per_layer_bytes", lambda cfg, tokens: (1.0 * gib, 2.0 * gib))
+    asked = []
+    monkeypatch.setattr(estimate, "scenario_from_config", lambda cfg: Scenario(
+        arch=BUILTIN_ARCHITECTURES["qwen3-8b"], method="qlora-4", batch_size=4, seq_len=2048, fast_path=True))
+    monkeypatch.setattr(memory_model, "auto_kept_layers",
+                        lambda s, free: asked.append((s.batch_size, s.seq_len, free)) or (1, 1.0 * gib, 3.0 * gib))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 3 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2 * gib)
     model = _checkpointed_model(fast=True)
-    for free_gib, kept in ((2.0, 0), (4.0, 1), (40.0, 2)):  # 0.85 x 4 - 2 = 1.4 GiB: one layer
-        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, f=free_gib: (f * gib, 80 * gib))
-        plan = plan_checkpointing(_cfg("auto"), model, _args(cpu=False), 4096)
-        assert plan.kept == kept and plan.checkpointed == 2 - kept, (free_gib, plan)
+    plan = plan_checkpointing(_cfg("auto"), model, _args(cpu=False), 4096)
+    assert asked == [(1, 4096, 11 * gib)]  # one row of the token budget; 10 free + (3 - 2) cached unused
+    assert (plan.checkpointed, plan.kept) == (1, 1) and "3.0 GiB to spare" in plan.line
     sharded = SimpleNamespace(use_cpu=False, device="cuda:0", deepspeed="z3", fsdp=None)
     assert plan_checkpointing(_cfg("auto"), model, sharded, 4096).kept == 0
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "standard-path"])
+def test_auto_rule_keeps_what_fits_and_no_more(fast):
+    """The shared rule (training and the estimator): with `kept` layers the run's memory beyond the weights fits
+    in 0.85 x free; one layer more would not; from nothing to every layer as free memory grows."""
+    from dataclasses import replace
+
+    from loraforge.estimate.architectures import BUILTIN_ARCHITECTURES
+    from loraforge.estimate.model import AUTO_MEMORY_SHARE, auto_kept_layers, estimate_memory
+    from loraforge.estimate.scenario import Scenario
+
+    s = Scenario(arch=BUILTIN_ARCHITECTURES["qwen3-8b"], method="qlora-4", batch_size=4, seq_len=2048,
+                 fast_path=fast, fused_loss=fast)
+    gib = 2**30
+    counts = []
+    for free_gib in (1, 8, 16, 24, 40, 200):
+        kept, per_layer, usable = auto_kept_layers(s, free_gib * gib)
+        counts.append(kept)
+        assert per_layer > 0
+        if 0 < kept < 36:
+            need = estimate_memory(replace(s, kept_layers=kept))
+            assert need.allocated - need.weights - need.adapter <= AUTO_MEMORY_SHARE * free_gib * gib * 1.01
+            more = estimate_memory(replace(s, kept_layers=kept + 1))
+            assert more.allocated - more.weights - more.adapter > AUTO_MEMORY_SHARE * free_gib * gib * 0.99
+    assert counts == sorted(counts) and counts[0] == 0 and counts[-1] == 36 and any(0 < c < 36 for c in counts)
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "standard-path"])

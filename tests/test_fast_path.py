@@ -33,6 +33,13 @@ def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-4) -> bool:
     return bool((a - b).abs().max() <= rel * b.abs().max().clamp(min=1e-6))
 
 
+def _assert_same_loss_and_grads(std, fast_model, ref: torch.Tensor, got: torch.Tensor) -> None:
+    """The fast path's loss and every LoRA gradient within 1e-4 of the standard path's."""
+    assert abs(got.item() - ref.item()) <= 1e-4 * abs(ref.item())
+    for name, grad in lora_grads(std).items():
+        assert _close(lora_grads(fast_model)[name], grad), name
+
+
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama", "mistral"])
 def test_fast_path_equals_standard(arch):
     std = tiny_model(arch)
@@ -77,9 +84,7 @@ def test_checkpointed_fast_path_equals_standard(dropout):
     torch.manual_seed(3)
     got = fast_loss(fast_model, ids, ids)
     got.backward()
-    assert abs(got.item() - ref.item()) <= 1e-4 * abs(ref.item())
-    for name, grad in lora_grads(std).items():
-        assert _close(lora_grads(fast_model)[name], grad), name
+    _assert_same_loss_and_grads(std, fast_model, ref, got)
 
 
 def test_packed_samples_do_not_attend_to_each_other():
@@ -109,9 +114,7 @@ def test_dropout_and_rslora_match():
     torch.manual_seed(1)  # same dropout masks: both paths draw them in the same order
     got = fast_loss(fast_model, ids, ids)
     got.backward()
-    assert abs(got.item() - ref.item()) <= 1e-4 * abs(ref.item())
-    for name, grad in lora_grads(std).items():
-        assert _close(lora_grads(fast_model)[name], grad), name
+    _assert_same_loss_and_grads(std, fast_model, ref, got)
 
 
 def test_restore_gives_the_standard_modules_back():

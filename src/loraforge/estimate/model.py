@@ -242,3 +242,24 @@ def estimate_memory(s: Scenario) -> Breakdown:
     peak.paged_optimizer = paged
     peak.host = host
     return peak
+
+
+def auto_kept_layers(s: Scenario, free_bytes: float) -> tuple[int, float, float]:
+    """``checkpoint_layers: auto``: how many last layers of ``s`` keep their activations when ``free_bytes`` of GPU
+    memory are free after the weights are loaded; with the memory each such layer costs and the memory to spare.
+
+        per_layer = (peak without checkpointing - peak with it) / layers
+        usable    = AUTO_MEMORY_SHARE x free - (peak with checkpointing - weights - adapter)
+        kept      = min(layers, floor(usable / per_layer))
+
+    Training (loraforge.train.checkpoint_policy) passes the free memory it measures; the estimator the GPU's size
+    less the CUDA context and the weights."""
+    from dataclasses import replace
+
+    layers = s.arch.num_layers
+    with_ckpt = estimate_memory(replace(s, gradient_checkpointing=True, kept_layers=0))
+    without = estimate_memory(replace(s, gradient_checkpointing=False, kept_layers=0))
+    per_layer = max(without.allocated - with_ckpt.allocated, 0.0) / max(layers, 1)
+    usable = AUTO_MEMORY_SHARE * free_bytes - (with_ckpt.allocated - with_ckpt.weights - with_ckpt.adapter)
+    kept = 0 if per_layer <= 0 or usable <= 0 else min(layers, int(usable // per_layer))
+    return kept, per_layer, usable

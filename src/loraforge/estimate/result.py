@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from .advice import Suggestion, suggest
 from .gpus import GPU, detect_gpus, find_gpu
-from .model import AUTO_MEMORY_SHARE, GIB, Breakdown, estimate_memory, trainable_params
+from .model import CUDA_CONTEXT, GIB, Breakdown, auto_kept_layers, estimate_memory, trainable_params
 from .scenario import Scenario, scenario_from_config
 
 if TYPE_CHECKING:
@@ -101,23 +101,17 @@ def build_estimate(s: Scenario, gpu: GPU | None = None, *, advise: bool = True) 
 
 
 def _auto_checkpoint_layers(s: Scenario, gpu: GPU | None) -> tuple[Scenario, str]:
-    """``checkpoint_layers: auto`` on ``gpu``: how many last layers keep their activations, by the rule training
-    uses (loraforge.train.checkpoint_policy) with the whole GPU free after the weights and the CUDA context."""
+    """``checkpoint_layers: auto`` on ``gpu``: training's rule (:func:`auto_kept_layers`), with the whole GPU free
+    after the CUDA context and the weights."""
     from dataclasses import replace
 
-    from .model import CUDA_CONTEXT
-
-    layers = s.arch.num_layers
     if gpu is None:
         return s, "checkpoint_layers: auto is chosen at train time from the GPU's free memory; estimated as `all`"
     base = estimate_memory(replace(s, kept_layers=0))
-    per_layer = max(estimate_memory(replace(s, gradient_checkpointing=False)).allocated - base.allocated, 0.0)
-    per_layer /= max(layers, 1)
-    free = gpu.memory_gib * GIB - CUDA_CONTEXT - base.weights - base.adapter
-    usable = AUTO_MEMORY_SHARE * free - (base.allocated - base.weights - base.adapter)
-    kept = 0 if per_layer <= 0 or usable <= 0 else min(layers, int(usable // per_layer))
-    return replace(s, kept_layers=kept), (f"checkpoint_layers: auto on {gpu.name}: the last {kept} of {layers} layers "
-                                          "keep their activations (the rest recompute in backward)")
+    kept, _, _ = auto_kept_layers(s, gpu.memory_gib * GIB - CUDA_CONTEXT - base.weights - base.adapter)
+    return replace(s, kept_layers=kept), (f"checkpoint_layers: auto on {gpu.name}: the last {kept} of "
+                                          f"{s.arch.num_layers} layers keep their activations (the rest recompute "
+                                          "in backward)")
 
 
 def gpu_for(name: str | None, memory_gib: float | None) -> GPU | None:

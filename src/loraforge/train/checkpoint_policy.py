@@ -9,7 +9,7 @@ memory model of :mod:`loraforge.estimate` (the one ``micro_batch_tokens: auto`` 
     tokens    = the token budget of a micro-batch (micro_batch_tokens), else per_device_train_batch_size x cutoff_len
     per_layer = (peak without checkpointing - peak with it) / layers, for a micro-batch of `tokens`
     usable    = 0.85 x (free device memory + cached-but-unused memory, after the weights are loaded)
-                - (peak with checkpointing - weights - adapter)
+                - (peak with checkpointing - weights - adapter)          # loraforge.estimate.model.auto_kept_layers
     kept      = min(layers, floor(usable / per_layer))       # these, the last ones, keep their activations
 
 The last layers are the ones kept: backward reaches them first, which leaves time for the offloaded inputs of the
@@ -25,7 +25,6 @@ from typing import Any
 
 from ..config.model import checkpoint_layers_setting
 from ..errors import ConfigError
-from ..estimate.model import AUTO_MEMORY_SHARE as MEMORY_SHARE
 
 logger = logging.getLogger(__name__)
 
@@ -40,40 +39,27 @@ class CheckpointPlan:
 
 
 def _layers(model: Any) -> Any:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", base)
-    return getattr(decoder, "layers", None)
+    from ..models.fast import decoder_of
+
+    return getattr(decoder_of(model), "layers", None)
 
 
-def per_layer_bytes(cfg: Any, tokens: int) -> tuple[float, float]:
-    """(bytes one layer keeps without checkpointing beyond what it keeps with it, bytes the run still allocates
-    after the weights with every layer checkpointed), for a micro-batch of ``tokens``, from the estimator."""
-    from ..estimate import estimate_memory, scenario_from_config
-
-    s = replace(scenario_from_config(cfg), batch_size=1, seq_len=max(int(tokens), 1))
-    with_ckpt = estimate_memory(replace(s, gradient_checkpointing=True))
-    without = estimate_memory(replace(s, gradient_checkpointing=False))
-    per_layer = max(without.allocated - with_ckpt.allocated, 0.0) / max(s.arch.num_layers, 1)
-    pending = with_ckpt.allocated - with_ckpt.weights - with_ckpt.adapter
-    return per_layer, max(pending, 0.0)
-
-
-def _auto_kept(cfg: Any, args: Any, layers: int, tokens: int) -> tuple[int, str]:
+def _auto_kept(cfg: Any, args: Any, tokens: int) -> tuple[int, str]:
     import torch
+
+    from ..estimate import scenario_from_config
+    from ..estimate.model import auto_kept_layers
+    from .token_budget import free_device_memory
 
     if args.use_cpu or not torch.cuda.is_available():
         return 0, "auto: no GPU visible, every layer recomputes"
     if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
         return 0, "auto: DeepSpeed/FSDP shard the model, every layer recomputes"
     try:
-        per_layer, pending = per_layer_bytes(cfg, tokens)
+        s = replace(scenario_from_config(cfg), batch_size=1, seq_len=max(int(tokens), 1))
+        kept, per_layer, usable = auto_kept_layers(s, free_device_memory(args.device))
     except Exception as err:  # noqa: BLE001 - an unknown architecture must not stop training
         return 0, f"auto: memory model unavailable ({err}), every layer recomputes"
-    device = args.device
-    free, _ = torch.cuda.mem_get_info(device)
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    usable = MEMORY_SHARE * free - pending
-    kept = 0 if per_layer <= 0 or usable <= 0 else min(layers, int(usable // per_layer))
     return kept, (f"auto: {max(usable, 0) / 2**30:.1f} GiB to spare at {tokens} tokens per micro-batch, "
                   f"{per_layer / 2**30:.2f} GiB per layer that keeps its activations")
 
@@ -94,16 +80,14 @@ def plan_checkpointing(cfg: Any, model: Any, args: Any, tokens: int) -> Checkpoi
                                f"use a number from 0 to {total}, `all` or `auto`"])
         kept, how = total - setting, "checkpoint_layers"
     else:
-        kept, how = _auto_kept(cfg, args, total, tokens)
+        kept, how = _auto_kept(cfg, args, tokens)
     return CheckpointPlan(total - kept, kept, f"gradient checkpointing: {total - kept} of {total} layers recompute "
                                               f"in backward, the last {kept} keep their activations ({how})")
 
 
 def apply_checkpoint_plan(model: Any, plan: CheckpointPlan) -> int:
     """Turn checkpointing off for the last ``plan.kept`` layers; returns how many layers still checkpoint."""
-    layers = _layers(model)
-    if not layers or not plan.kept:
-        return sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in (layers or []))
-    for layer in list(layers)[len(layers) - plan.kept:]:
+    layers = list(_layers(model) or [])
+    for layer in layers[len(layers) - plan.kept:] if plan.kept else []:
         layer.gradient_checkpointing = False
     return sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers)

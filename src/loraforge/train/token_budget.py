@@ -27,12 +27,12 @@ import sys
 from dataclasses import dataclass, replace
 
 from ..config.finetuning import micro_batch_tokens_setting
+from ..estimate.model import AUTO_MEMORY_SHARE as MEMORY_SHARE
 
 logger = logging.getLogger(__name__)
 
 CPU_BUDGET = 4096
 AUTO_CAP = 32768
-MEMORY_SHARE = 0.85
 MASK_BYTES = {"sdpa": 8, "flex_attention": 8}
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn", "paged_attention",
                     "loraforge_varlen")  # the last: loraforge.kernels.varlen_attention (the fast path's)
@@ -126,10 +126,7 @@ def auto_budget(cfg, model, args) -> tuple[int, str]:
         per_token, pending = _memory_model(cfg)
     except Exception as err:  # noqa: BLE001 - an unknown architecture must not stop training
         return floor, f"auto: memory model unavailable ({err}), so per_device_train_batch_size x cutoff_len"
-    device = args.device
-    free, _ = torch.cuda.mem_get_info(device)
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    usable = MEMORY_SHARE * free - pending
+    usable = MEMORY_SHARE * free_device_memory(args.device) - pending
     mask = 0 if impl in VARLEN_ATTENTION else MASK_BYTES.get(impl, 0)
     if usable <= 0:
         tokens = 0
@@ -140,6 +137,15 @@ def auto_budget(cfg, model, args) -> tuple[int, str]:
     budget = max(min(AUTO_CAP, tokens) // 256 * 256, floor)
     return budget, (f"auto: {usable / 2**30:.1f} GiB free for activations at {per_token / 1024:.0f} KiB per token"
                     f"{f' + {mask} B per token^2 ({impl} mask)' if mask else ''}")
+
+
+def free_device_memory(device) -> float:
+    """Bytes this process can still allocate on ``device``: free device memory plus what PyTorch's allocator holds
+    unused (after the weights are loaded, before the optimizer states exist)."""
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def plan_token_batching(cfg, model, args) -> TokenBatchingPlan:

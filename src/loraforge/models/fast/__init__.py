@@ -144,7 +144,8 @@ def _base_config(model: Any) -> Any:
     return base.config
 
 
-def _decoder(model: Any) -> Any:
+def decoder_of(model: Any) -> Any:
+    """The decoder (embeddings, layers, final norm) of a causal LM, peft-wrapped or not."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.get_decoder() if hasattr(base, "get_decoder") else base.model
 
@@ -158,7 +159,7 @@ def apply_fast_path(model: Any, plan: FastPathPlan) -> FastPath:
     fast = FastPath(plan)
     if not plan.enabled:
         return fast
-    decoder = _decoder(model)
+    decoder = decoder_of(model)
 
     def swap(parent: nn.Module, name: str, new_cls: type, kind: str) -> None:
         original = getattr(parent, name)

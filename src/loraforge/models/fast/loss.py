@@ -25,14 +25,14 @@ class FusedCausalLMLoss:
     """A ``compute_loss_func`` for the Trainer; :meth:`close` removes its hook."""
 
     def __init__(self, model: Any):
-        from . import _decoder
+        from . import decoder_of
 
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.head = base.get_output_embeddings()
         if getattr(self.head, "bias", None) is not None:
             raise ValueError("the fused loss expects an output layer without bias")
         self._hidden: torch.Tensor | None = None
-        self._norm = _decoder(model).norm
+        self._norm = decoder_of(model).norm
         self._handle = self._norm.register_forward_hook(self._capture)
 
     def rehook(self) -> None:
