@@ -230,9 +230,14 @@ def test_plan_says_why_not():
 
 
 @pytest.mark.gpu
-def test_varlen_attention_kernel_matches_reference_on_gpu():
-    """PyTorch's flash varlen kernel (bf16, GQA) against the per-sample SDPA reference, forward and backward."""
+@pytest.mark.parametrize("gqa", ["native", "repeat"])
+def test_varlen_attention_kernel_matches_reference_on_gpu(gqa, monkeypatch):
+    """PyTorch's flash varlen kernel (bf16, GQA: K/V heads shared natively or repeated) against the per-sample
+    SDPA reference, forward and backward."""
+    from loraforge.kernels import varlen_attention as va
     from loraforge.kernels.varlen_attention import varlen_attention, varlen_attention_reference
+
+    monkeypatch.setitem(va.GQA_MODE, "mode", gqa)
 
     torch.manual_seed(0)
     lens = [37, 300, 1, 128, 555]

@@ -8,7 +8,9 @@ real here), seconds/step, peak allocated memory, first/last loss; with the comma
     python benchmarks/peers/bench_peers.py --size 8b --regimes a,b,c --out benchmarks/results/peers_8b
     # a: seq 2048 x batch 4, each stack's default checkpointing; b: no checkpointing; c: seq 16384 x batch 1
 Workers: loraforge, loraforge_std (fast_path: off), hf, unsloth; `_nogc` turns checkpointing off; loraforge's
-`_ckauto` sets `checkpoint_layers: auto` and `_ck<N>` `checkpoint_layers: N` (e.g. loraforge_ckauto, loraforge_ck18).
+`_ckauto` sets `checkpoint_layers: auto` and `_ck<N>` `checkpoint_layers: N` (e.g. loraforge_ckauto,
+loraforge_ck18); `_gqarep` repeats K/V heads before the varlen kernel instead of sharing them (the GQA lever's A/B).
+`--profile DIR` profiles one extra step per worker and writes where its GPU time went (by kernel kind).
 `--seqs 16384,24576,32768 --cap-gib 24` runs each worker at batch 1 at each length under a 24 GiB cap
 (`torch.cuda.set_per_process_memory_fraction`): the longest that trains is the one to compare.
 """
@@ -77,7 +79,8 @@ def _report(kind, seq, bs, steps, dt, losses, load_s, trainable, extra=None):
     print("RESULT " + json.dumps(row), flush=True)
 
 
-def worker_peer(kind: str, path: str, seq: int, bs: int, steps: int, warmup: int, lora16: bool) -> None:
+def worker_peer(kind: str, path: str, seq: int, bs: int, steps: int, warmup: int, lora16: bool,
+                profile: str | None = None) -> None:
     """HF + PEFT + bitsandbytes, or Unsloth: a plain loop (what their users run)."""
     import torch
 
@@ -125,7 +128,18 @@ def worker_peer(kind: str, path: str, seq: int, bs: int, steps: int, warmup: int
         opt.zero_grad(set_to_none=True)
         losses.append(round(loss.item(), 4))
     torch.cuda.synchronize()
-    _report(kind, seq, bs, steps, time.time() - t, losses, load_s, sum(p.numel() for p in params))
+    dt = time.time() - t
+    if profile:  # one more step, profiled (outside the timed ones)
+        x = data[0]
+        with _profiler() as prof:
+            t1 = time.time()
+            model(input_ids=x, labels=x).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            wall = time.time() - t1
+        profile_summary(prof, wall, profile)
+    _report(kind, seq, bs, steps, dt, losses, load_s, sum(p.numel() for p in params))
 
 
 def worker_loraforge(kind: str, path: str, seq: int, bs: int, steps: int, warmup: int, lora16: bool,
@@ -155,7 +169,8 @@ def worker_loraforge(kind: str, path: str, seq: int, bs: int, steps: int, warmup
     cfg = {"model_name_or_path": path, "dataset": "dummy", "dataset_dir": str(data_dir), "template": "qwen3",
            "tokenized_path": str(data_dir / "tokenized"), "cutoff_len": seq, "output_dir": str(work / kind),
            "overwrite_output_dir": True, "per_device_train_batch_size": bs, "gradient_accumulation_steps": 1,
-           "max_steps": warmup + steps, "logging_steps": 1, "save_strategy": "no", "learning_rate": 2e-4,
+           "max_steps": warmup + steps + (1 if profile else 0), "logging_steps": 1, "save_strategy": "no",
+           "learning_rate": 2e-4,
            "lr_scheduler_type": "constant", "warmup_steps": 0, "bf16": True, "lora_rank": 16, "lora_alpha": 16,
            "lora_target": "all", "optim": "adamw_torch", "report_to": "none", "plot_loss": False,
            "dataloader_num_workers": 0}
@@ -165,6 +180,10 @@ def worker_loraforge(kind: str, path: str, seq: int, bs: int, steps: int, warmup
         cfg["disable_gradient_checkpointing"] = True
     if kind.startswith("loraforge_std"):
         cfg["fast_path"] = "off"
+    if "_gqarep" in kind:  # the A/B of the GQA lever: K/V heads repeated before the varlen kernel
+        from loraforge.kernels import varlen_attention
+
+        varlen_attention.GQA_MODE["mode"] = "repeat"
     layers = re.search(r"_ck(auto|\d+)", kind)
     if layers:
         cfg["checkpoint_layers"] = layers.group(1) if layers.group(1) == "auto" else int(layers.group(1))
@@ -172,18 +191,19 @@ def worker_loraforge(kind: str, path: str, seq: int, bs: int, steps: int, warmup
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            if profile and state.global_step == warmup + steps - 1:  # the last measured step, profiled
-                times["prof"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                                   torch.profiler.ProfilerActivity.CUDA])
+            if profile and state.global_step == warmup + steps:  # one more step, profiled (not timed)
+                torch.cuda.synchronize()
+                times["prof"] = _profiler()
                 times["prof"].__enter__()
+                times["prof_t"] = time.time()
 
         def on_step_end(self, args, state, control, **kw):
-            if "prof" in times and state.global_step == warmup + steps:
+            if "prof" in times and state.global_step == warmup + steps + 1:
                 torch.cuda.synchronize()
+                wall = time.time() - times.pop("prof_t")
                 prof = times.pop("prof")
                 prof.__exit__(None, None, None)
-                table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=60)
-                Path(profile).write_text(table, encoding="utf-8")
+                profile_summary(prof, wall, profile)
             if state.global_step == warmup:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -203,6 +223,52 @@ def worker_loraforge(kind: str, path: str, seq: int, bs: int, steps: int, warmup
     _report(kind, seq, bs, steps, dt, losses, time.time() - t0 - dt, None,
             {"peak_alloc_gib": round(times["peak"] / 2**30, 2), "metrics": {
                 k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float))}})
+
+
+KERNEL_KINDS = (  # first match wins: where the GPU time of one profiled step goes
+    ("attention", r"flash|fmha|attention|cudnn"),
+    ("memcpy", r"^Memcpy|^Memset"),
+    ("dequant", r"dequant|kDequant"),
+    ("gemm", r"gemm|cutlass|xmma|nvjet|cublas|sm90_|sm80_|splitK"),
+    ("optimizer", r"adam|multi_tensor|foreach"),
+    ("copy_cast", r"copy|_to_|cast|cat_|CatArray"),
+    ("reduce", r"reduce|norm_kernel|sum_"),
+    ("elementwise", r"elementwise|vectorized"),
+)
+
+
+def profile_summary(prof, wall_s: float, path: str) -> None:
+    """Write, as JSON, the kernel time of one profiled step by kind (gemm, attention, dequant, ...), the kernel
+    count, the GPU-busy share of the step's wall time, and the 30 costliest kernels."""
+    kinds: dict[str, list[float]] = {}
+    kernels = []
+    for a in prof.key_averages():  # the kernels themselves (a CPU op's "self" device time repeats them)
+        if not str(getattr(a, "device_type", "")).endswith("CUDA"):
+            continue
+        t = float(getattr(a, "self_device_time_total", 0) or getattr(a, "self_cuda_time_total", 0) or 0)
+        if t <= 0:
+            continue
+        kind = next((k for k, rx in KERNEL_KINDS if re.search(rx, a.key, re.I)), "other")
+        slot = kinds.setdefault(kind, [0.0, 0])
+        slot[0] += t / 1e3
+        slot[1] += a.count
+        kernels.append((t / 1e3, a.count, kind, a.key[:140]))
+    busy = sum(v[0] for v in kinds.values())
+    out = {"wall_ms": round(wall_s * 1e3, 1), "kernel_ms": round(busy, 1),
+           "busy_share": round(busy / (wall_s * 1e3), 3) if wall_s else None,
+           "kernels": sum(v[1] for v in kinds.values()),
+           "by_kind_ms": {k: {"ms": round(v[0], 1), "share": round(v[0] / busy, 3), "count": v[1]}
+                          for k, v in sorted(kinds.items(), key=lambda kv: -kv[1][0])},
+           "top": [{"ms": round(t, 2), "count": c, "kind": k, "name": n}
+                   for t, c, k, n in sorted(kernels, reverse=True)[:30]]}
+    Path(path).write_text(json.dumps(out, indent=1), encoding="utf-8")
+
+
+def _profiler():
+    import torch
+
+    return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                              torch.profiler.ProfilerActivity.CUDA])
 
 
 def versions() -> dict:
@@ -232,8 +298,8 @@ def main() -> None:
     ap.add_argument("--path", default=os.path.join(tempfile.gettempdir(), "qwen3-bench"))
     ap.add_argument("--timeout", type=int, default=240)
     ap.add_argument("--out", default="benchmarks/results/peers")
-    ap.add_argument("--profile", help="loraforge workers: write a torch.profiler table of the last measured step "
-                    "here (that step is then not representative of speed)")
+    ap.add_argument("--profile", help="a folder: each worker profiles one extra step after the timed ones and "
+                    "writes where its GPU time went to <folder>/<regime>_<worker>.json")
     ap.add_argument("--seqs", help="instead of --regimes: these sequence lengths at batch 1 (comma list)")
     ap.add_argument("--cap-gib", type=float, help="cap every worker's GPU memory at this many GiB")
     ap.add_argument("--worker")
@@ -253,7 +319,7 @@ def main() -> None:
             worker_loraforge(a.worker, str(path), a.seq, a.bs, a.steps, a.warmup, a.lora16, Path(a.path),
                              a.profile)
         else:
-            worker_peer(a.worker, str(path), a.seq, a.bs, a.steps, a.warmup, a.lora16)
+            worker_peer(a.worker, str(path), a.seq, a.bs, a.steps, a.warmup, a.lora16, a.profile)
     if a.worker:
         return
     if not (path / "config.json").exists():
@@ -275,6 +341,9 @@ def main() -> None:
                 cmd.append("--lora16")
             if a.cap_gib:
                 cmd += ["--cap-gib", str(a.cap_gib)]
+            if a.profile:
+                Path(a.profile).mkdir(parents=True, exist_ok=True)
+                cmd += ["--profile", str(Path(a.profile) / f"{regime}_{w}.json")]
             t = time.time()
             try:
                 r = subprocess.run(cmd, timeout=a.timeout, capture_output=True, text=True)

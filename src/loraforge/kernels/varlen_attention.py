@@ -110,6 +110,34 @@ def flash_varlen_supported(device: torch.device) -> bool:
 _CAPABLE: dict[int, bool] = {}
 
 
+class FlashVarlenGQA(torch.autograd.Function):
+    """Causal flash-attention 2 over packed samples with K/V heads shared by groups of query heads, without
+    repeating K and V: ATen's flash kernels take fewer K/V heads than query heads and sum the K/V gradients over
+    each group in backward. For PyTorch releases whose ``varlen_attn`` has no ``enable_gqa`` (2.11, 2.12)."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
+                scale: float | None) -> torch.Tensor:
+        out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu, seed, offset)
+        ctx.max_len, ctx.scale = max_len, scale
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor):
+        q, k, v, out, lse, cu, seed, offset = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad_out.contiguous(), q, k, v, out, lse, cu, cu, ctx.max_len, ctx.max_len, 0.0, True, seed, offset,
+            scale=ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+#: ``native`` runs grouped K/V heads through :class:`FlashVarlenGQA` when ``varlen_attn`` has no ``enable_gqa``;
+#: ``repeat`` expands them to one per query head first (exact too; the benchmarks compare the two)
+GQA_MODE = {"mode": "native"}
+
+
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
                      scale: float | None = None) -> torch.Tensor:
     """Causal attention within each sample of a flattened batch. q: [T, Hq, D]; k, v: [T, Hkv, D]."""
@@ -118,13 +146,15 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if kernel is None:
         return varlen_attention_reference(q, k, v, cu_seqlens, scale)
     fn, kwargs, gqa = kernel
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
     if k.shape[1] != q.shape[1]:
         if gqa:
             kwargs = {**kwargs, "enable_gqa": True}
-        else:  # older PyTorch: expand the shared K/V heads (costs memory, still exact)
+        elif GQA_MODE["mode"] == "native" and hasattr(torch.ops.aten, "_flash_attention_forward"):
+            return FlashVarlenGQA.apply(q.contiguous(), k.contiguous(), v.contiguous(), cu, max_len, scale)
+        else:  # expand the shared K/V heads (costs memory and copies, still exact)
             groups = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
     return fn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, max_len, max_len, scale=scale, **kwargs)
 
 
