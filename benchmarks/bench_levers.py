@@ -9,6 +9,7 @@
   flash varlen with K/V repeated to every query head, flash varlen sharing K/V heads natively
   (:class:`loraforge.kernels.varlen_attention.FlashVarlenGQA`), and SDPA's flash and cuDNN backends on a padded
   batch; with the largest difference from the repeat path.
+- ``packed``: packed samples of mixed lengths: flash varlen against cuDNN's ragged attention.
 
 Every time is the median of CUDA-event timings after warm-up. One JSON file with the GPU and versions.
 
@@ -169,9 +170,55 @@ def attention_rows(batch: int, seq: int) -> list[dict]:
     return rows
 
 
+def packed_rows(lengths: list[int]) -> list[dict]:
+    """Packed samples of mixed lengths in one row: flash varlen (GQA native) against cuDNN's ragged attention
+    (``aten._cudnn_attention_forward`` with cumulative lengths; K/V repeated), forward + backward."""
+    from loraforge.kernels import varlen_attention as va
+
+    tokens = sum(lengths)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q0 = torch.randn(tokens, QH, HD, device="cuda", generator=g).bfloat16()
+    k0 = torch.randn(tokens, KVH, HD, device="cuda", generator=g).bfloat16()
+    v0 = torch.randn(tokens, KVH, HD, device="cuda", generator=g).bfloat16()
+    go = torch.randn(tokens, QH, HD, device="cuda", generator=g).bfloat16()
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), device="cuda", dtype=torch.int32)
+    scale, top = HD ** -0.5, max(lengths)
+
+    def flash():
+        q, k, v = (t.detach().requires_grad_(True) for t in (q0, k0, v0))
+        out = va.varlen_attention(q, k, v, cu, top, scale)
+        out.backward(go)
+        return out, q.grad, k.grad, v.grad
+
+    def cudnn():
+        kr, vr = (t.repeat_interleave(QH // KVH, 1) for t in (k0, v0))
+        res = torch.ops.aten._cudnn_attention_forward(q0, kr, vr, None, cu, cu, top, top, True, 0.0, True, False,
+                                                      scale=scale)
+        out, lse, seed, offset = res[0], res[1], res[6], res[7]
+        dq, dk, dv = torch.ops.aten._cudnn_attention_backward(
+            go, q0, kr, vr, out, lse, seed, offset, torch.empty(0, device="cuda"), cu, cu, top, top, 0.0, True,
+            scale=scale)
+        groups = QH // KVH
+        return (out, dq, dk.reshape(tokens, KVH, groups, HD).sum(2), dv.reshape(tokens, KVH, groups, HD).sum(2))
+
+    ref = flash()
+    rows = []
+    for name, fn in (("packed_flash_varlen", flash), ("packed_cudnn_ragged", cudnn)):
+        row = {"op": "attention", "impl": name, "lengths": lengths}
+        try:
+            got = fn()
+            row["fwd_bwd_ms"] = timed(fn, iters=10)
+            row["max_rel_diff_vs_flash"] = [rel_err(a.detach(), b.detach()) for a, b in zip(got, ref)]
+        except Exception as e:  # noqa: BLE001 - an op this release lacks or refuses is a result too
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ops", default="gemm,attention")
+    ap.add_argument("--ops", default="gemm,attention,packed")
     ap.add_argument("--tokens", default="8192,16384", help="M of the GEMM rows (comma list)")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
@@ -184,6 +231,8 @@ def main() -> int:
             rows += gemm_rows(int(m))
     if "attention" in ops:
         rows += attention_rows(4, 2048) + attention_rows(1, 16384)
+    if "packed" in ops:
+        rows += packed_rows([1500, 2596, 1, 1024, 3071]) + packed_rows([200] * 40 + [77, 3000])
     versions = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
     for name in ("bitsandbytes", "triton"):
         try:

@@ -199,3 +199,24 @@ def test_fast_path_trains_the_same_adapter_as_the_standard_path(data_dir, tmp_pa
         assert (fast[name] - tensor).abs().max() <= 1e-4 * tensor.abs().max(), name
     for step, loss in _losses(outs["off"]).items():
         assert _losses(outs["auto"])[step] == pytest.approx(loss, rel=1e-4)
+
+
+def test_guard_folds_micro_batch_losses_on_the_device_and_checks_once_per_step():
+    """Each micro-batch loss is folded into a device flag (no host sync); one NaN among them skips the step,
+    also under fp16 loss scaling, where only the loss counts."""
+    from types import SimpleNamespace
+
+    from loraforge.train.callbacks import NonFiniteGuard
+
+    guard = NonFiniteGuard(max_consecutive=3, uses_grad_scaler=True)
+    param = torch.nn.Parameter(torch.ones(2))
+    model = torch.nn.Module()
+    model.p = param
+    for step, losses in enumerate(([1.0, 2.0], [1.0, float("nan"), 3.0], [0.5])):
+        for value in losses:
+            guard.note_loss(torch.tensor(value))
+            assert isinstance(guard._loss_ok, torch.Tensor)  # folded, not read back
+        param.grad = torch.ones(2)
+        guard.on_pre_optimizer_step(None, SimpleNamespace(global_step=step), None, model=model)
+        assert (param.grad is None) == (step == 1)
+    assert guard.skipped_steps == [2] and guard.consecutive == 0

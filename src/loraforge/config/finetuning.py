@@ -41,6 +41,9 @@ class FinetuningArguments:
     fast_path: str = arg("auto", "loraforge's fused kernels for covered models (Qwen2/2.5, Qwen3, Llama, Mistral) and "
                          "methods (LoRA/QLoRA): `auto` uses them when covered, `on` fails when not, `off` never.",
                          ("auto", "on", "off"))
+    fp8: bool = arg(False, "FP8 (e4m3) matmuls for the frozen base weights on the fast path (Hopper GPUs or newer): "
+                    "the forward GEMM and the input-gradient GEMM of each LoRA projection run in FP8 with per-token "
+                    "scales; adapters, norms, attention, the loss and evaluation stay 16-bit.")
     # how the samples of one optimizer step are run
     micro_batch_tokens: Union[int, bool, str] = arg(
         "auto", "Token-budget batching: the per_device_train_batch_size x gradient_accumulation_steps samples of "

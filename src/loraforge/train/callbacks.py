@@ -181,10 +181,11 @@ class InterruptCallback(TrainerCallback):
 class NonFiniteGuard(TrainerCallback):
     """Skip optimizer updates whose loss or gradient norm is not finite; stop after several in a row.
 
-    The trainer marks a micro-batch whose loss is NaN/inf (``mark_nonfinite_loss``). Before the optimizer
-    step, the gradients of trainable parameters are dropped when that happened or when they are not finite, so
-    the optimizer leaves the weights alone. With fp16 loss scaling an inf gradient is normal (the scaler skips the
-    step and lowers the scale), so only a non-finite loss counts there.
+    The trainer hands over every micro-batch loss (``note_loss``); their finiteness is folded into one flag on
+    the device, so the check costs one host sync per optimizer step, not one per micro-batch. Before the
+    optimizer step, the gradients of trainable parameters are dropped when a loss or a gradient was not finite,
+    so the optimizer leaves the weights alone. With fp16 loss scaling an inf gradient is normal (the scaler
+    skips the step and lowers the scale), so only a non-finite loss counts there.
     """
 
     def __init__(self, max_consecutive: int, uses_grad_scaler: bool):
@@ -193,23 +194,27 @@ class NonFiniteGuard(TrainerCallback):
         self.total_skipped = 0
         self.consecutive = 0
         self.skipped_steps: list[int] = []
-        self._loss_bad = False
+        self._loss_ok: torch.Tensor | bool = True
 
-    def mark_nonfinite_loss(self) -> None:
-        self._loss_bad = True
+    def note_loss(self, loss: torch.Tensor) -> None:
+        """Fold one micro-batch loss into the step's finiteness flag (it stays on the device: no sync)."""
+        self._loss_ok = torch.isfinite(loss.detach()).all() & self._loss_ok
 
     @staticmethod
-    def _grads_finite(model) -> bool:
+    def _grads_finite(model) -> torch.Tensor | bool:
         grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
         if not grads:
             return True
         norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
-        return bool(torch.isfinite(torch.stack([n.float() for n in norms]).sum()))
+        return torch.isfinite(torch.stack([n.float() for n in norms]).sum())
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        bad = self._loss_bad or (not self.uses_grad_scaler and model is not None and not self._grads_finite(model))
+        ok = self._loss_ok
+        if not self.uses_grad_scaler and model is not None:
+            ok = self._grads_finite(model) & ok
+        bad = not bool(ok)  # the one host sync of the step
         step = state.global_step + 1
-        self._loss_bad = False
+        self._loss_ok = True
         if not bad:
             self.consecutive = 0
             return

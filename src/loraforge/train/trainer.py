@@ -1,6 +1,6 @@
 """The Hugging Face Trainer with the few behaviours loraforge changes, each in a small named override.
 
-- ``training_step``: tells the non-finite guard when a micro-batch loss is NaN/inf.
+- ``training_step``: hands each micro-batch loss to the non-finite guard (checked once per optimizer step).
 - ``_save_checkpoint``: checks the free disk space, writes each checkpoint into a staging folder and renames it
   when complete; a full disk ends the run with one message and no partial checkpoint.
 - ``train``: a resume from a checkpoint at the run's last step trains nothing (see ``_finish_from``).
@@ -94,8 +94,8 @@ class LoraforgeTrainer(Seq2SeqTrainer):
         if is_empty_slot(inputs):  # a slot of a repacked step: its samples ran in a packed micro-batch
             return torch.zeros((), device=self.args.device)
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.guard is not None and not torch.isfinite(loss).all():
-            self.guard.mark_nonfinite_loss()
+        if self.guard is not None:
+            self.guard.note_loss(loss)
         return loss
 
     def create_optimizer(self, model=None):

@@ -34,6 +34,7 @@ class FastPathPlan:
     reason: str
     setting: str = "auto"
     fused_loss: bool = False  # the chunked linear cross-entropy runs even where the modules are not swapped
+    fp8: bool = False  # the frozen-weight GEMMs run in FP8 (`fp8: true`)
 
     def __post_init__(self) -> None:
         self.fused_loss = self.fused_loss or self.enabled
@@ -62,7 +63,8 @@ class FastPath:
             return f"fast path: off ({self.plan.reason}){loss}"
         parts = ", ".join(f"{n} {k}" for k, n in self.swapped.items())
         ckpt = f"; {self.offloaded} checkpointed layers keep their inputs in host memory" if self.offloaded else ""
-        return f"fast path: on ({parts}; variable-length attention; fused linear cross-entropy{ckpt})"
+        fp8 = "; FP8 base-weight matmuls" if self.plan.fp8 else ""
+        return f"fast path: on ({parts}; variable-length attention; fused linear cross-entropy{fp8}{ckpt})"
 
     def restore(self) -> None:
         """Put every original module back (the adopted children are shared, so nothing is copied)."""
@@ -115,12 +117,38 @@ def _uncovered_reason(cfg: Any, config: Any) -> str | None:
 DEEPSPEED_REASON = "DeepSpeed shards the weights; the fast path's modules run on single-GPU and DDP"
 
 
+def _check_fp8(reason: str | None, fp16: bool) -> None:
+    """`fp8: true` needs the fast path, bf16 and, on a GPU, FP8 tensor cores with per-row scaling (Hopper+)."""
+    import torch
+
+    from ...errors import ConfigError
+    from ...kernels.fp8 import fp8_supported
+
+    if reason is not None:
+        raise ConfigError([f"`fp8: true` runs on the fast path, which cannot run this configuration: {reason}; "
+                           "drop `fp8` or change what the reason names"])
+    if fp16:
+        raise ConfigError(["`fp8: true` writes its matmul results in bf16 and cannot run with `fp16: true`; use "
+                           "`bf16: true` (every GPU with FP8 has bf16)"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+        if not fp8_supported(device):
+            name = torch.cuda.get_device_name(device)
+            major, minor = torch.cuda.get_device_capability(device)
+            raise ConfigError([f"`fp8: true` needs FP8 matmuls with per-row scales (a Hopper GPU or newer, compute "
+                               f"capability 9.0); {name} has {major}.{minor}: drop `fp8`"])
+
+
 def plan_fast_path(cfg: Any, config: Any = None) -> FastPathPlan:
     """Decide, before any weight loads, whether this run takes the fast path (``fast_path: auto|on|off``)."""
     from ...errors import ConfigError
 
     setting = cfg.finetuning.fast_path
+    fp8 = bool(getattr(cfg.finetuning, "fp8", False))
     if setting == "off":
+        if fp8:
+            raise ConfigError(["`fp8: true` runs on the fast path, and this config sets `fast_path: off`; "
+                               "drop one of the two"])
         return FastPathPlan(False, "fast_path: off", setting)
     if config is None:
         from transformers import AutoConfig
@@ -129,8 +157,10 @@ def plan_fast_path(cfg: Any, config: Any = None) -> FastPathPlan:
 
         config = AutoConfig.from_pretrained(resolve_model_path(cfg.model), trust_remote_code=cfg.model.trust_remote_code)
     reason = _uncovered_reason(cfg, config)
+    if fp8:
+        _check_fp8(reason, getattr(cfg.training, "fp16", False))
     if reason is None:
-        return FastPathPlan(True, "covered", setting)
+        return FastPathPlan(True, "covered", setting, fp8=fp8)
     if setting == "on":
         raise ConfigError([f"`fast_path: on` cannot run this configuration: {reason}; use `fast_path: auto` "
                            "(falls back to the standard path) or change what the reason names"])
@@ -173,6 +203,9 @@ def apply_fast_path(model: Any, plan: FastPathPlan) -> FastPath:
         swap(layer, "input_layernorm", FastRMSNorm, "RMSNorm")
         swap(layer, "post_attention_layernorm", FastRMSNorm, "RMSNorm")
     swap(decoder, "norm", FastRMSNorm, "RMSNorm")
+    for module in decoder.modules():
+        if isinstance(module, (FastAttention, FastMLP)):
+            module.fp8 = plan.fp8
     dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
     fast.offloaded = use_offloaded_checkpointing(decoder.layers, keep_rng=dropout)
     fast._attention, fast._model = attention_of(model), model

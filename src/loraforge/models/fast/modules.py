@@ -49,14 +49,15 @@ def lora_parts(layer: nn.Module) -> tuple[nn.Module, torch.Tensor, torch.Tensor,
     return base, lora_a[name].weight, layer.lora_B[name].weight, layer.scaling[name], layer.lora_dropout[name]
 
 
-def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` for a LoRA projection, through the fused function when it covers the layer."""
+def project(layer: nn.Module, x: torch.Tensor, fp8: bool = False) -> torch.Tensor:
+    """``layer(x)`` for a LoRA projection, through the fused function when it covers the layer (with ``fp8``, its
+    frozen-weight GEMMs in FP8)."""
     parts = lora_parts(layer)
     if parts is None:
         return layer(x)
     base, a, b, scaling, dropout = parts
     active = isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0
-    return lora_linear(x, base, a, b, scaling, dropout if active else None)
+    return lora_linear(x, base, a, b, scaling, dropout if active else None, fp8=fp8 and layer.training)
 
 
 class FastRMSNorm(nn.Module):
@@ -77,16 +78,21 @@ class FastRMSNorm(nn.Module):
 class FastMLP(nn.Module):
     """``down(silu(gate(x)) * up(x))`` with fused LoRA projections and the fused SwiGLU kernel."""
 
+    fp8 = False  # set by apply_fast_path for `fp8: true`
+
     def __init__(self, original: nn.Module):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = original.gate_proj, original.up_proj, original.down_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return project(self.down_proj, swiglu(project(self.gate_proj, x), project(self.up_proj, x)))
+        f = self.fp8
+        return project(self.down_proj, swiglu(project(self.gate_proj, x, f), project(self.up_proj, x, f)), f)
 
 
 class FastAttention(nn.Module):
     """Self-attention of the Llama family (optional Qwen3 q/k norms, optional Q/K/V bias) on the fast kernels."""
+
+    fp8 = False  # set by apply_fast_path for `fp8: true`
 
     def __init__(self, original: nn.Module):
         super().__init__()
@@ -111,12 +117,13 @@ class FastAttention(nn.Module):
                                "(FastPath.restore()) before generating")
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        q = project(self.q_proj, hidden_states).view(hidden_shape)
-        k = project(self.k_proj, hidden_states).view(hidden_shape)
-        v = project(self.v_proj, hidden_states).view(hidden_shape)
+        f = self.fp8
+        q = project(self.q_proj, hidden_states, f).view(hidden_shape)
+        k = project(self.k_proj, hidden_states, f).view(hidden_shape)
+        v = project(self.v_proj, hidden_states, f).view(hidden_shape)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = position_embeddings
         q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         out, _ = attention_forward(self, q, k, v.transpose(1, 2), None, scaling=self.scaling, **kwargs)
-        return project(self.o_proj, out.reshape(*input_shape, -1)), None
+        return project(self.o_proj, out.reshape(*input_shape, -1), f), None
