@@ -345,6 +345,14 @@ def test_one_sequence_rows_take_the_dense_path_and_packed_rows_the_varlen_kernel
     packed = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]] * 2)  # two samples in each row
     va.attention_forward(None, q, k, v, None, scaling=0.3, position_ids=packed)
     assert len(calls) == 2  # the packed rows went to the varlen kernel
+    # one flattened row of samples that all have the same length: dense rows again, same result as varlen
+    flat = [t.transpose(1, 2).reshape(1, 24, t.shape[1], 8).transpose(1, 2) for t in (q, k, v)]
+    for lengths in ([12, 12], [5, 19]):
+        cu = torch.tensor([0, lengths[0], 24], dtype=torch.int32)
+        out, _ = va.attention_forward(None, *flat, None, scaling=0.3, cu_seq_lens_q=cu, max_length_q=max(lengths))
+        want = va.varlen_attention_reference(*(t[0].transpose(0, 1) for t in flat), cu, 0.3)
+        assert torch.allclose(out.reshape(24, 4, 8), want, atol=1e-5)
+    assert len(calls) == 3  # only the equal lengths went dense
 
 
 @pytest.mark.gpu

@@ -126,13 +126,39 @@ def cast_weight(w: torch.Tensor, scale: torch.Tensor, transpose: bool = False) -
     return q
 
 
-def weight_scale(base_layer: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    """The frozen weight's one FP8 scale (fp32, on its device), measured at the first use and kept on the layer."""
+def weight_scale(base_layer: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The frozen weight's one FP8 scale (fp32, [1], on its device): measured once, at the first use, from the
+    dequantized weight, and kept on the layer."""
     scale = getattr(base_layer, "_loraforge_fp8_scale", None)
-    if scale is None or scale.device != weight.device:
+    if scale is None:
+        from loraforge.kernels.lora import dequantize_weight
+
+        weight = dequantize_weight(base_layer, dtype)
         scale = (weight.float().abs().amax() / E4M3_MAX).clamp_(min=_TINY).reshape(1)
         base_layer._loraforge_fp8_scale = scale
+        base_layer._loraforge_fp8_vectors = {}
     return scale
+
+
+def _scale_vector(base_layer: torch.nn.Module, scale: torch.Tensor, n: int) -> torch.Tensor:
+    """The weight's scale as the [1, n] per-column vector ``_scaled_mm`` takes, made once per layer and width."""
+    vectors = base_layer._loraforge_fp8_vectors
+    vec = vectors.get(n)
+    if vec is None:
+        vec = vectors[n] = scale.reshape(1, 1).expand(1, n).contiguous()
+    return vec
+
+
+def fp8_weight(base_layer: torch.nn.Module, dtype: torch.dtype, scale: torch.Tensor,
+               transpose: bool = False) -> torch.Tensor:
+    """The frozen weight in e4m3, [out, in] (or [in, out] with ``transpose``): an NF4 weight in one kernel
+    (:mod:`loraforge.kernels.dequant`), any other dequantized first."""
+    from loraforge.kernels.dequant import dequantize_nf4, fused_nf4_supported
+    from loraforge.kernels.lora import dequantize_weight
+
+    if fused_nf4_supported(base_layer.weight):
+        return dequantize_nf4(base_layer.weight, dtype, scale, transpose)
+    return cast_weight(dequantize_weight(base_layer, dtype), scale, transpose)
 
 
 def gemm_shapes_ok(k: int, n: int) -> bool:
@@ -142,11 +168,9 @@ def gemm_shapes_ok(k: int, n: int) -> bool:
 
 def scaled_mm(a8: torch.Tensor, a_scale: torch.Tensor, b8_t: torch.Tensor, b_scale: torch.Tensor,
               out_dtype: torch.dtype, fast: bool) -> torch.Tensor:
-    """``(a8 * a_scale) @ (b8_t * b_scale)`` with a8 [M, K] row-major and b8_t [K, N] column-major e4m3; the
-    weight's single scale is given to ``_scaled_mm`` as a per-column [1, N] vector (per-row scaling)."""
-    n = b8_t.shape[1]
-    return torch._scaled_mm(a8, b8_t, scale_a=a_scale, scale_b=b_scale.reshape(1, 1).expand(1, n).contiguous(),
-                            out_dtype=out_dtype, use_fast_accum=fast)
+    """``(a8 * a_scale) @ (b8_t * b_scale)``: a8 [M, K] row-major, b8_t [K, N] column-major e4m3, a_scale [M, 1],
+    b_scale [1, N] (per-row scaling)."""
+    return torch._scaled_mm(a8, b8_t, scale_a=a_scale, scale_b=b_scale, out_dtype=out_dtype, use_fast_accum=fast)
 
 
 class _LastRows:
@@ -173,20 +197,18 @@ class _LastRows:
 LAST_ROWS = _LastRows()
 
 
-def fp8_forward(x: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, base_layer: torch.nn.Module,
-                out_dtype: torch.dtype) -> torch.Tensor:
-    """``x2 @ weight^T`` through FP8 (``x`` is the tensor ``x2`` was reshaped from: the key of the shared
+def fp8_forward(x: torch.Tensor, x2: torch.Tensor, base_layer: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """``x2 @ W^T`` through FP8 (``x`` is the tensor ``x2`` was reshaped from: the key of the shared
     quantization)."""
-    scale = weight_scale(base_layer, weight)
+    scale = weight_scale(base_layer, dtype)
     xq, xs = LAST_ROWS.get(x, x2)
-    w8 = cast_weight(weight, scale)  # [out, in]; .t() is the column-major [in, out] operand
-    return scaled_mm(xq, xs, w8.t(), scale, out_dtype, fast=True)
+    w8 = fp8_weight(base_layer, dtype, scale)  # [out, in]; .t() is the column-major [in, out] operand
+    return scaled_mm(xq, xs, w8.t(), _scale_vector(base_layer, scale, w8.shape[0]), dtype, fast=True)
 
 
-def fp8_input_grad(dy: torch.Tensor, weight: torch.Tensor, base_layer: torch.nn.Module,
-                   out_dtype: torch.dtype) -> torch.Tensor:
-    """``dy @ weight`` through FP8 (the input gradient of ``x W^T``)."""
-    scale = weight_scale(base_layer, weight)
+def fp8_input_grad(dy: torch.Tensor, base_layer: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """``dy @ W`` through FP8 (the input gradient of ``x W^T``)."""
+    scale = weight_scale(base_layer, dtype)
     dq, ds = quantize_rows(dy)
-    w8t = cast_weight(weight, scale, transpose=True)  # [in, out]; .t() is the column-major [out, in] operand
-    return scaled_mm(dq, ds, w8t.t(), scale, out_dtype, fast=False)
+    w8t = fp8_weight(base_layer, dtype, scale, transpose=True)  # [in, out]; .t() is the column-major operand
+    return scaled_mm(dq, ds, w8t.t(), _scale_vector(base_layer, scale, w8t.shape[0]), dtype, fast=False)

@@ -23,6 +23,11 @@ def dequantize_weight(base_layer: torch.nn.Module, dtype: torch.dtype) -> torch.
     """The [out, in] weight of ``base_layer`` in ``dtype`` (a view when it is already a plain tensor)."""
     weight = base_layer.weight
     kind = type(weight).__name__
+    if kind == "Params4bit":
+        from .dequant import dequantize_nf4, fused_nf4_supported
+
+        if fused_nf4_supported(weight):  # one kernel instead of bitsandbytes' two
+            return dequantize_nf4(weight, dtype)
     if kind in ("Params4bit", "Int8Params"):
         from peft.utils.integrations import dequantize_bnb_weight
 
@@ -90,18 +95,16 @@ class LoraLinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, shape[-1])
         xd2 = x2 if x_drop is x else x_drop.reshape(-1, shape[-1])
         a, b = compute_copy(lora_a, dtype), compute_copy(lora_b, dtype)
-        weight = dequantize_weight(base_layer, dtype)
-        fp8 = fp8 and _fp8_ok(weight, dtype)
+        fp8 = fp8 and _fp8_ok(base_layer, x2, dtype)
         if fp8:
             from .fp8 import fp8_forward
 
-            out = fp8_forward(x, x2, weight, base_layer, dtype)
+            out = fp8_forward(x, x2, base_layer, dtype)
             bias = _bias(base_layer, dtype)
             if bias is not None:
                 out.add_(bias)
         else:
-            out = F.linear(x2, weight, _bias(base_layer, dtype))
-        del weight
+            out = F.linear(x2, dequantize_weight(base_layer, dtype), _bias(base_layer, dtype))
         xa = xd2 @ a.t()  # [N, r], kept for dB
         out.addmm_(xa, b.t(), alpha=scaling)
         ctx.save_for_backward(xd2, xa, lora_a, lora_b)
@@ -116,19 +119,18 @@ class LoraLinearFunction(torch.autograd.Function):
         s = ctx.scaling
         dy = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
         a, b = compute_copy(lora_a, dtype), compute_copy(lora_b, dtype)
-        dxa = (dy @ b) * s  # [N, r]
-        grad_b = (dy.t() @ xa).mul_(s) if lora_b.requires_grad else None
+        zero = dy.new_zeros(())  # addmm with beta 0: the scaling is applied inside the GEMM (no extra kernel)
+        dxa = torch.addmm(zero, dy, b, beta=0, alpha=s)  # [N, r]
+        grad_b = torch.addmm(zero, dy.t(), xa, beta=0, alpha=s) if lora_b.requires_grad else None
         grad_a = dxa.t() @ xd2 if lora_a.requires_grad else None
         grad_x = grad_xd = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            weight = dequantize_weight(ctx.base_layer, dtype)
             if ctx.fp8:
                 from .fp8 import fp8_input_grad
 
-                grad_x = fp8_input_grad(dy, weight, ctx.base_layer, dtype)
+                grad_x = fp8_input_grad(dy, ctx.base_layer, dtype)
             else:
-                grad_x = dy @ weight
-            del weight
+                grad_x = dy @ dequantize_weight(ctx.base_layer, dtype)
             if ctx.same:
                 grad_x.addmm_(dxa, a)
             else:
@@ -139,12 +141,13 @@ class LoraLinearFunction(torch.autograd.Function):
                 None if grad_b is None else grad_b.to(lora_b.dtype), None, None)
 
 
-def _fp8_ok(weight: torch.Tensor, dtype: torch.dtype) -> bool:
+def _fp8_ok(base_layer: torch.nn.Module, x2: torch.Tensor, dtype: torch.dtype) -> bool:
     """FP8 runs on weights whose dimensions ``torch._scaled_mm`` takes (multiples of 16), into bf16 on a GPU
     (per-row scaling has bf16 outputs there; the config refuses `fp8` with fp16) and any dtype on the CPU."""
     from .fp8 import gemm_shapes_ok
 
-    return (dtype == torch.bfloat16 or not weight.is_cuda) and gemm_shapes_ok(weight.shape[1], weight.shape[0])
+    return ((dtype == torch.bfloat16 or not x2.is_cuda)
+            and gemm_shapes_ok(base_layer.in_features, base_layer.out_features))
 
 
 def lora_linear(x: torch.Tensor, base_layer: torch.nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor,

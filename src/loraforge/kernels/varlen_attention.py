@@ -218,6 +218,14 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if (cu is None or (kwargs.get("cu_seq_lens_q") is None and cu.numel() == batch + 1)) \
             and dense_attention_preferred(query):  # every row is one causal sequence: no varlen needed
         return dense_causal_attention(query, key, value, scaling).transpose(1, 2), None
+    if cu is not None and max_len is not None and batch == 1 and dense_attention_preferred(query):
+        n, top = cu.numel() - 1, int(max_len)
+        if n * top == seq:  # packed samples that all have the longest length: rows of one sequence each
+            def rows(t: torch.Tensor) -> torch.Tensor:
+                return t.transpose(1, 2).reshape(n, top, t.shape[1], dim).transpose(1, 2)
+
+            out = dense_causal_attention(rows(query), rows(key), rows(value), scaling)
+            return out.transpose(1, 2).reshape(1, seq, heads, dim), None
     if cu is None:  # a plain (right-padded) batch: every row is one causal sequence
         cu = torch.arange(0, (batch + 1) * seq, seq, device=query.device, dtype=torch.int32)
         max_len = seq
