@@ -220,3 +220,19 @@ def test_estimate_shows_what_auto_keeps_on_a_given_gpu():
     assert build_estimate(s, find_gpu("A100-80")).scenario.kept_layers == 36  # 47.7 GiB without checkpointing
     assert build_estimate(s, find_gpu("T4")).scenario.kept_layers < kept
     assert any("estimated as `all`" in n for n in build_estimate(s, None).notes)
+
+
+def test_auto_plans_for_the_largest_micro_batch_a_step_can_form():
+    """`checkpoint_layers: auto` sizes kept layers for the largest micro-batch the run can form: a big token budget
+    never holds more than one optimizer step's samples, and a sample longer than the budget runs alone."""
+    from types import SimpleNamespace
+
+    from loraforge.train.token_budget import TokenBatchingPlan
+
+    args = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=1)
+    assert TokenBatchingPlan(65536, "").largest_micro_batch(args, 2048) == 8192  # one step: 4 x 2048
+    assert TokenBatchingPlan(1000, "").largest_micro_batch(args, 2048) == 2048  # a full-length sample alone
+    assert TokenBatchingPlan(6000, "").largest_micro_batch(args, 2048) == 6000
+    assert TokenBatchingPlan(None, "").largest_micro_batch(args, 2048) == 8192  # off: 4 padded rows
+    args.gradient_accumulation_steps = 8
+    assert TokenBatchingPlan(65536, "").largest_micro_batch(args, 2048) == 65536

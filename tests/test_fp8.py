@@ -201,23 +201,3 @@ def test_fp8_lora_function_on_gpu():
         outs.append((out.detach(), x.grad))
     assert _rel(outs[1][0], outs[0][0]) < 0.06 and _rel(outs[1][1], outs[0][1]) < 0.08
 
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("nested", [True, False])
-def test_nf4_dequant_kernel_on_gpu(nested):
-    """One-kernel NF4 dequantization on the GPU: bf16 bit for bit as bitsandbytes; e4m3 (and its transpose) as
-    "bitsandbytes, then the FP8 cast"."""
-    from bitsandbytes.functional import quantize_4bit
-
-    from loraforge.kernels.dequant import dequantize_nf4_reference, dequantize_nf4_triton
-
-    w = (torch.randn(4096, 1024, device="cuda") * 0.02).to(BF16)
-    packed, state = quantize_4bit(w, quant_type="nf4", compress_statistics=nested)
-    got = dequantize_nf4_triton(packed, state, BF16)
-    assert torch.equal(got, dequantize_nf4_reference(packed, state, BF16))
-    scale = (got.float().abs().amax() / F8.E4M3_MAX).reshape(1)
-    for transpose in (False, True):
-        a = dequantize_nf4_triton(packed, state, BF16, scale, transpose)
-        b = dequantize_nf4_reference(packed, state, BF16, scale, transpose)
-        assert a.shape == b.shape and (a.float() != b.float()).float().mean() < 1e-3

@@ -95,12 +95,6 @@ def _compile_cases():
     for softcap in (False, True):
         out.append((ce._ce_kernel, sig, {"HAS_SOFTCAP": softcap, "WRITE_GRAD": True, "BLOCK": ce._CE_BLOCK},
                     {"num_warps": 16}))
-    dq = importlib.import_module("loraforge.kernels.dequant")  # NF4 (double-quantized) into bf16 or e4m3
-    sig = {"PACKED": "*u8", "ABSQ": "*u8", "CODE2": "*fp32", "ABSMAX2": "*fp32", "OFFSET": "*fp32", "CODE": "*fp32",
-           "SCALE": "*fp32", "Q": bf, "rows": "i32", "cols": "i32", "blocksize": "i32", "blocksize2": "i32"}
-    for to_fp8, transpose in ((False, False), (True, False), (True, True)):
-        out.append((dq._nf4_kernel, {**sig, "Q": "*fp8e4nv" if to_fp8 else bf},
-                    {"NESTED": True, "TO_FP8": to_fp8, "TRANSPOSE": transpose, "TILE": dq._TILE}, {}))
     f8 = importlib.import_module("loraforge.kernels.fp8")  # `fp8: true`: quantizers into e4m3
     fp8 = "*fp8e4nv"
     out.append((f8._quant_rows_kernel, {"X": bf, "Q": fp8, "S": "*fp32", "n_cols": "i32", "stride_x": "i32",
@@ -319,17 +313,3 @@ def test_kernels_compose_to_the_hf_qwen3_model():
     cases.check_qwen3_model(dict(rms_norm=rms_norm_triton, apply_rope=apply_rope_triton, swiglu=swiglu_triton,
                                  linear_cross_entropy=loss))
 
-
-@in_child
-@pytest.mark.parametrize("nested", [True, False])
-@pytest.mark.parametrize("transpose", [False, True])
-def test_nf4_dequant_kernel_equals_bitsandbytes(nested, transpose):
-    """One kernel reads the packed NF4 bytes and the (double-quantized) absmax: bitsandbytes' values exactly."""
-    bnb_f = pytest.importorskip("bitsandbytes.functional")
-    from loraforge.kernels.dequant import dequantize_nf4_reference, dequantize_nf4_triton
-
-    w = torch.randn(96, 640) * torch.linspace(0.1, 3.0, 96)[:, None]  # 960 blocks of 64: 4 absmax blocks of 256
-    packed, state = bnb_f.quantize_4bit(w, quant_type="nf4", compress_statistics=nested)
-    got = dequantize_nf4_triton(packed, state, torch.float32, transpose=transpose)
-    want = dequantize_nf4_reference(packed, state, torch.float32, transpose=transpose)
-    assert got.shape == want.shape and torch.equal(got, want)

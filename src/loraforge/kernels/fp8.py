@@ -9,7 +9,7 @@ Only the two GEMMs that involve the frozen base weight run in FP8: the forward `
 - ``torch._scaled_mm`` multiplies with per-row scales into a 16-bit result; forward uses fast accumulation.
 
 On an H200 the FP8 GEMMs took 0.6x the time of the bf16 ones at Qwen3-8B's shapes
-(``benchmarks/results/levers_h200.json``). Each quantizer has a PyTorch reference (:func:`quantize_rows_reference`,
+(``benchmarks/results/fastpath/levers_h200.json``). Each quantizer has a PyTorch reference (:func:`quantize_rows_reference`,
 :func:`cast_weight_reference`) that the Triton kernels are tested against; on a CPU the references run, and
 ``torch._scaled_mm`` has a CPU implementation, so the FP8 path runs in the CPU tests too.
 """
@@ -151,13 +151,11 @@ def _scale_vector(base_layer: torch.nn.Module, scale: torch.Tensor, n: int) -> t
 
 def fp8_weight(base_layer: torch.nn.Module, dtype: torch.dtype, scale: torch.Tensor,
                transpose: bool = False) -> torch.Tensor:
-    """The frozen weight in e4m3, [out, in] (or [in, out] with ``transpose``): an NF4 weight in one kernel
-    (:mod:`loraforge.kernels.dequant`), any other dequantized first."""
-    from loraforge.kernels.dequant import dequantize_nf4, fused_nf4_supported
+    """The frozen weight in e4m3, [out, in] (or [in, out] with ``transpose``): dequantized to the compute dtype
+    (bitsandbytes), then cast by one kernel. (A one-kernel NF4-to-e4m3 dequantization was tried and measured
+    4.7x slower than bitsandbytes' dequantization on an H200; see docs/performance.md.)"""
     from loraforge.kernels.lora import dequantize_weight
 
-    if fused_nf4_supported(base_layer.weight):
-        return dequantize_nf4(base_layer.weight, dtype, scale, transpose)
     return cast_weight(dequantize_weight(base_layer, dtype), scale, transpose)
 
 

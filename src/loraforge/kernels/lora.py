@@ -23,11 +23,6 @@ def dequantize_weight(base_layer: torch.nn.Module, dtype: torch.dtype) -> torch.
     """The [out, in] weight of ``base_layer`` in ``dtype`` (a view when it is already a plain tensor)."""
     weight = base_layer.weight
     kind = type(weight).__name__
-    if kind == "Params4bit":
-        from .dequant import dequantize_nf4, fused_nf4_supported
-
-        if fused_nf4_supported(weight):  # one kernel instead of bitsandbytes' two
-            return dequantize_nf4(weight, dtype)
     if kind in ("Params4bit", "Int8Params"):
         from peft.utils.integrations import dequantize_bnb_weight
 

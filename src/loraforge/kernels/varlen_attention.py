@@ -160,7 +160,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
 def dense_attention_preferred(q: torch.Tensor) -> bool:
     """Rows that are one sequence each run through SDPA's cuDNN backend on Hopper or newer GPUs: measured on an
-    H200 (``benchmarks/results/levers_h200.json``) 1.4x (4 x 2048) to 1.6x (1 x 16384) the speed of the flash
+    H200 (``benchmarks/results/fastpath/levers_h200.json``) 1.4x (4 x 2048) to 1.6x (1 x 16384) the speed of the flash
     varlen kernel, forward + backward. Elsewhere the varlen kernel keeps the rows."""
     if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)) or DENSE_MODE["mode"] != "cudnn":
         return False

@@ -45,6 +45,16 @@ class TokenBatchingPlan:
     budget: int | None
     line: str
 
+    def largest_micro_batch(self, args, cutoff_len: int) -> int:
+        """The most tokens one physical micro-batch can hold: the budget, but never more than one optimizer
+        step's samples at full length (``per_device_train_batch_size x gradient_accumulation_steps x cutoff_len``)
+        and never less than one full-length sample (which runs alone when longer than the budget). Off: one padded
+        batch of ``per_device_train_batch_size`` rows."""
+        if self.budget is None:
+            return args.per_device_train_batch_size * cutoff_len
+        per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * cutoff_len
+        return min(max(self.budget, cutoff_len), per_step)
+
 
 def _base_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model

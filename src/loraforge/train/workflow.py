@@ -141,9 +141,8 @@ def run_train(cfg: RunConfig, *, extra_callbacks: list | None = None) -> TrainOu
         pissa_init_dir = save_pissa_initial(model, str(output_dir))  # the reference for conversion at the end
     summary = summarize_model(model)
     token_batching = plan_token_batching(cfg, model, args)  # the same optimizer steps, fewer packed micro-batches
-    # which layers recompute in backward (checkpoint_layers), for micro-batches of the token budget
-    checkpointing = plan_checkpointing(
-        cfg, model, args, token_batching.budget or args.per_device_train_batch_size * cfg.data.cutoff_len)
+    # which layers recompute in backward (checkpoint_layers), for the largest micro-batch this run can form
+    checkpointing = plan_checkpointing(cfg, model, args, token_batching.largest_micro_batch(args, cfg.data.cutoff_len))
     still_checkpointed = apply_checkpoint_plan(model, checkpointing)
     fast.offloaded = min(fast.offloaded, still_checkpointed)
     world = max(args.world_size, 1)
