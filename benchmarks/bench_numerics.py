@@ -46,13 +46,11 @@ def worker(variant: str, model: str, data: Path, steps: int, lr: float) -> dict:
     from loraforge.config import load_config
     from loraforge.train.workflow import run_train
 
+    from bench_token_batching import alpaca_run
+
     work = Path(tempfile.gettempdir()) / "bench_numerics"
-    data_dir = work / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    (data_dir / "dataset_info.json").write_text(json.dumps({"alpaca_demo": {"file_name": str(data.resolve())}}))
     out = work / f"out-{variant}"
-    cfg = dict(RECIPE, model_name_or_path=model, dataset="alpaca_demo", dataset_dir=str(data_dir),
-               output_dir=str(out), max_steps=steps, data_cache_dir=str(work / "cache"), learning_rate=lr)
+    cfg = dict(RECIPE, **alpaca_run(work, data, out), model_name_or_path=model, max_steps=steps, learning_rate=lr)
     for key, value in VARIANTS[variant].items():
         if value is None:
             cfg.pop(key, None)

@@ -74,6 +74,15 @@ def _callback(warm: int, steps: int, marks: dict, profile_steps: int):
     return Clock()
 
 
+def alpaca_run(work: Path, data: Path, out: Path) -> dict:
+    """Config keys for a run on ``data`` (an Alpaca JSON file) registered as `alpaca_demo` under ``work``."""
+    data_dir = work / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "dataset_info.json").write_text(json.dumps({"alpaca_demo": {"file_name": str(data.resolve())}}))
+    return {"dataset": "alpaca_demo", "dataset_dir": str(data_dir), "output_dir": str(out),
+            "data_cache_dir": str(work / "cache")}
+
+
 def worker(mode: str, model: str, data: Path, steps: int, warm: int, profile_steps: int) -> dict:
     """One run of the recipe with ``micro_batch_tokens: mode``; returns its measurements."""
     import torch
@@ -82,13 +91,9 @@ def worker(mode: str, model: str, data: Path, steps: int, warm: int, profile_ste
     from loraforge.train.workflow import run_train
 
     work = Path(tempfile.gettempdir()) / "bench_token_batching"
-    data_dir = work / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    (data_dir / "dataset_info.json").write_text(json.dumps({"alpaca_demo": {"file_name": str(data.resolve())}}))
     out = work / f"out-{mode}"
-    cfg = dict(RECIPE, model_name_or_path=model, dataset="alpaca_demo", dataset_dir=str(data_dir),
-               output_dir=str(out), max_steps=steps + profile_steps, logging_steps=1, micro_batch_tokens=mode,
-               data_cache_dir=str(work / "cache"))
+    cfg = dict(RECIPE, **alpaca_run(work, data, out), model_name_or_path=model, max_steps=steps + profile_steps,
+               logging_steps=1, micro_batch_tokens=mode)
     if not torch.cuda.is_available():
         cfg.pop("bf16")
     marks: dict = {}
