@@ -67,10 +67,16 @@ class FastPath:
         return f"fast path: on ({parts}; variable-length attention; fused linear cross-entropy{fp8}{ckpt})"
 
     def restore(self) -> None:
-        """Put every original module back (the adopted children are shared, so nothing is copied)."""
+        """Put every original module back (the adopted children are shared, so nothing is copied), and free the
+        kernels' per-run buffers (16-bit adapter copies, the last FP8-quantized input)."""
+        from ...kernels.fp8 import LAST_ROWS
+        from ...kernels.lora import COMPUTE_COPIES
+
         for parent, name, original in reversed(self._originals):
             setattr(parent, name, original)
         self._originals.clear()
+        COMPUTE_COPIES.invalidate()
+        LAST_ROWS.clear()
         if self._model is not None and self._attention is not None:
             from ...kernels.varlen_attention import set_attention
 
