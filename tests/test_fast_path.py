@@ -355,6 +355,18 @@ def test_one_sequence_rows_take_the_dense_path_and_packed_rows_the_varlen_kernel
     assert len(calls) == 3  # only the equal lengths went dense
 
 
+def test_dense_causal_attention_repeats_kv_heads_and_is_causal():
+    """The dense path itself (on a CPU, SDPA's flash backend, allowed second): grouped K/V heads, causal rows."""
+    from loraforge.kernels import varlen_attention as va
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, h, 10, 8, generator=g) for h in (4, 2, 2))
+    out = va.dense_causal_attention(q, k, v, 0.3)
+    for b in range(2):
+        want = va.varlen_attention_reference(*(t[b].transpose(0, 1) for t in (q, k, v)), torch.tensor([0, 10]), 0.3)
+        assert torch.allclose(out[b].transpose(0, 1), want, atol=1e-5)
+
+
 @pytest.mark.gpu
 def test_dense_cudnn_attention_matches_varlen_on_gpu(monkeypatch):
     """On a Hopper GPU one-sequence rows run through SDPA's cuDNN backend: same output and gradients as the flash

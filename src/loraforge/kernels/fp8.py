@@ -16,6 +16,7 @@ On an H200 the FP8 GEMMs took 0.6x the time of the bf16 ones at Qwen3-8B's shape
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -179,8 +180,6 @@ class _LastRows:
         self.entry: tuple[Any, int, torch.Tensor, torch.Tensor] | None = None
 
     def get(self, x: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        import weakref
-
         e = self.entry
         if e is not None and e[0]() is x and e[1] == x._version:
             return e[2], e[3]

@@ -114,7 +114,8 @@ class LoraLinearFunction(torch.autograd.Function):
         s = ctx.scaling
         dy = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
         a, b = compute_copy(lora_a, dtype), compute_copy(lora_b, dtype)
-        zero = dy.new_zeros(())  # addmm with beta 0: the scaling is applied inside the GEMM (no extra kernel)
+        # addmm with beta 0 ignores its input (NaN included): the scaling runs inside the GEMM, no extra kernel
+        zero = dy.new_empty(())
         dxa = torch.addmm(zero, dy, b, beta=0, alpha=s)  # [N, r]
         grad_b = torch.addmm(zero, dy.t(), xa, beta=0, alpha=s) if lora_b.requires_grad else None
         grad_a = dxa.t() @ xd2 if lora_a.requires_grad else None

@@ -183,12 +183,10 @@ def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     if k.shape[1] != q.shape[1]:
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    if "priority" not in _KERNEL:
+        _KERNEL["priority"] = "set_priority" in inspect.signature(sdpa_kernel).parameters
     backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
-    if "set_priority" in inspect.signature(sdpa_kernel).parameters:
-        context = sdpa_kernel(backends, set_priority=True)
-    else:
-        context = sdpa_kernel(backends)
-    with context:
+    with sdpa_kernel(backends, set_priority=True) if _KERNEL["priority"] else sdpa_kernel(backends):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
