@@ -3,8 +3,9 @@ that the arithmetic is negligible: what a GPU step waits for when it is launch-b
 GEMMs got cheap).
 
 For each case it runs forward + backward many times and reports microseconds per call (median of 5 repeats) and
-the number of ATen ops per call (torch.profiler), for a LoRA projection (16-bit and FP8) and one fast-path decoder
-layer of a tiny Qwen3.
+the number of ATen ops per call (torch.profiler), for a LoRA projection (bf16 base, fp32 adapters; 16-bit and FP8
+GEMMs) and one fast-path decoder layer of a tiny bf16 Qwen3 with fp32 adapters. The op count is exact; the
+microseconds on a shared 2-core machine vary by about 10% between runs.
 
     python benchmarks/bench_host_overhead.py --out benchmarks/results/host_overhead_cpu.json
 """
@@ -46,10 +47,10 @@ def _ops(fn) -> int:
 def projection_case(fp8: bool):
     from loraforge.kernels.lora import lora_linear
 
-    base = torch.nn.Linear(64, 64, bias=False).requires_grad_(False)
-    a = torch.nn.Parameter(torch.randn(8, 64) * 0.1)
+    base = torch.nn.Linear(64, 64, bias=False).to(torch.bfloat16).requires_grad_(False)
+    a = torch.nn.Parameter(torch.randn(8, 64) * 0.1)  # fp32 adapters over a bf16 base, as on the GPU
     b = torch.nn.Parameter(torch.randn(64, 8) * 0.1)
-    x = torch.randn(16, 64, requires_grad=True)
+    x = torch.randn(16, 64).to(torch.bfloat16).requires_grad_(True)
 
     def step():
         lora_linear(x, base, a, b, 2.0, fp8=fp8).sum().backward()
@@ -61,10 +62,13 @@ def layer_case():
     from loraforge.models.fast import FastPathPlan, apply_fast_path, decoder_of
 
     model = tiny_model("qwen3")
+    for name, param in model.named_parameters():  # a bf16 model with fp32 adapters, as on the GPU
+        if "lora_" not in name:
+            param.data = param.data.to(torch.bfloat16)
     apply_fast_path(model, FastPathPlan(True, "bench"))
     layer = decoder_of(model).layers[0]
     rotary = decoder_of(model).rotary_emb
-    h = torch.randn(1, 16, 64, requires_grad=True)
+    h = torch.randn(1, 16, 64).to(torch.bfloat16).requires_grad_(True)
     pos = torch.arange(16)[None]
     emb = rotary(h, pos)
 
