@@ -313,3 +313,35 @@ def test_kernels_compose_to_the_hf_qwen3_model():
     cases.check_qwen3_model(dict(rms_norm=rms_norm_triton, apply_rope=apply_rope_triton, swiglu=swiglu_triton,
                                  linear_cross_entropy=loss))
 
+
+
+@in_child
+@pytest.mark.parametrize("rows,cols,block", [(1, 16, 16), (5, 300, 128), (7, 4096, 4096)])
+def test_fp8_quantizer_kernels(rows, cols, block):
+    """`fp8: true`'s Triton quantizers against their references. The interpreter's casts to e4m3 are not the GPU's
+    (values that need rounding can come out a power of two off; the `gpu` tests check the rounding), so the inputs
+    here are e4m3 values times a power of two, with 448 in every row: every quotient is exact, and any slip in
+    indexing, scaling or the transposed layout shows as a different value."""
+    from loraforge.kernels import fp8 as F8
+
+    g = torch.Generator().manual_seed(0)
+    grid = torch.arange(256, dtype=torch.uint8).view(F8.E4M3).float()
+    grid = grid[grid.isfinite()]
+    values = grid[torch.randint(0, grid.numel(), (rows, cols), generator=g)]
+    values[:, cols // 2] = 448.0
+    x = values * torch.pow(2.0, torch.arange(rows, dtype=torch.float32) - 3)[:, None]
+    q = torch.empty((rows, cols), dtype=F8.E4M3)
+    s = torch.empty((rows, 1))
+    F8._quant_rows_kernel[(rows,)](x, q, s, cols, x.stride(0), q.stride(0), BLOCK=block)
+    rq, rs = F8.quantize_rows_reference(x)
+    assert torch.equal(s, rs) and torch.equal(q.float(), rq.float()) and torch.equal(q.float(), values)
+    w = grid[torch.randint(0, grid.numel(), (70, cols), generator=g)]  # the weight cast: one scale for all
+    w[3, 0] = 448.0
+    w = w * 0.5
+    scale = (w.abs().amax() / F8.E4M3_MAX).reshape(1)
+    plain = torch.empty((70, cols), dtype=F8.E4M3)
+    F8._cast_kernel[(-(-w.numel() // 2048),)](w, plain, scale, w.numel(), BLOCK=2048)
+    flipped = torch.empty((cols, 70), dtype=F8.E4M3)
+    F8._cast_t_kernel[(-(-70 // 64), -(-cols // 64))](w, flipped, scale, 70, cols, TILE=64)
+    assert torch.equal(plain.float(), F8.cast_weight_reference(w, scale).float())
+    assert torch.equal(flipped.float(), F8.cast_weight_reference(w, scale, transpose=True).float())
