@@ -56,6 +56,9 @@ NEUTRAL_KEYS: dict[str, tuple[tuple, str]] = {
     "video_min_pixels": ((16 * 16, None), "image/video inputs"),
     "video_fps": ((2.0, None), "image/video inputs"),
     "video_maxlen": ((128, None), "image/video inputs"),
+    # LLaMA-Factory's `fp8` picks a backend; loraforge's `fp8: true` is its own (FP8 base-weight matmuls)
+    "fp8_backend": (("auto", None), "torchao, Transformer Engine or MS-AMP FP8 (loraforge's own is `fp8: true`)"),
+    "fp8_enable_fsdp_float8_all_gather": ((False, None), "FP8 all-gather under FSDP"),
 }
 
 # LLaMA-Factory key -> the transformers training argument config/ turns it into (nothing else reads the key)
