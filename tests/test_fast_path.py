@@ -425,10 +425,10 @@ def test_turing_gpus_take_the_sdpa_path(monkeypatch):
     """flash-attention 2 (PyTorch's varlen kernel) needs compute capability 8.0: a T4/T10 uses per-sample SDPA."""
     from loraforge.kernels import varlen_attention as va
 
-    monkeypatch.setattr(va, "_CAPABLE", {})
+    monkeypatch.setattr("loraforge.kernels.CAPABILITY", {})
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (7, 5))
     assert va.flash_varlen_supported(torch.device("cuda", 0)) is False
-    monkeypatch.setattr(va, "_CAPABLE", {})
+    monkeypatch.setattr("loraforge.kernels.CAPABILITY", {})
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
     assert va.flash_varlen_supported(torch.device("cuda", 0)) is True
 

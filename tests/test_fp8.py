@@ -150,9 +150,11 @@ def test_fp8_key_runs_on_the_fast_path_or_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA GeForce RTX 4090")
+    monkeypatch.setattr("loraforge.kernels.CAPABILITY", {})
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 9))
     with pytest.raises(ConfigError, match="RTX 4090 has 8.9"):
         plan_fast_path(_cfg(), QWEN3)
+    monkeypatch.setattr("loraforge.kernels.CAPABILITY", {})
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
     assert plan_fast_path(_cfg(), QWEN3).fp8
 

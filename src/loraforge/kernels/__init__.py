@@ -39,14 +39,27 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda and os.environ.get("LORAFORGE_KERNELS", "") != "reference" and triton_available()
 
 
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability of a CUDA ``device`` (its index, or the current one), asked once per device."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in CAPABILITY:
+        CAPABILITY[index] = tuple(torch.cuda.get_device_capability(index))
+    return CAPABILITY[index]
+
+
+CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
 from loraforge.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference  # noqa: E402
 from loraforge.kernels.rms_norm import rms_norm, rms_norm_reference  # noqa: E402
 from loraforge.kernels.rope import apply_rope, apply_rope_reference  # noqa: E402
 from loraforge.kernels.swiglu import swiglu, swiglu_reference  # noqa: E402
 
 __all__ = [
+    "CAPABILITY",
     "apply_rope",
     "apply_rope_reference",
+    "cuda_capability",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
     "rms_norm",

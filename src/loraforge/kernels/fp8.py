@@ -36,8 +36,9 @@ def fp8_supported(device: torch.device) -> bool:
         return True
     if device.type != "cuda":
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_capability(index) >= (9, 0)
+    from loraforge.kernels import cuda_capability
+
+    return cuda_capability(device) >= (9, 0)
 
 
 def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -101,13 +101,9 @@ def _kernel() -> tuple[Any, dict[str, Any], bool] | None:
 def flash_varlen_supported(device: torch.device) -> bool:
     """PyTorch's varlen kernel is flash-attention 2, which needs an Ampere or newer GPU (compute capability 8.0);
     Turing cards (T4, T10, RTX 20xx) take the per-sample SDPA path instead."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _CAPABLE:
-        _CAPABLE[index] = torch.cuda.get_device_capability(index) >= (8, 0)
-    return _CAPABLE[index]
+    from loraforge.kernels import cuda_capability
 
-
-_CAPABLE: dict[int, bool] = {}
+    return cuda_capability(device) >= (8, 0)
 
 
 class FlashVarlenGQA(torch.autograd.Function):
@@ -162,15 +158,13 @@ def dense_attention_preferred(q: torch.Tensor) -> bool:
     """Rows that are one sequence each run through SDPA's cuDNN backend on Hopper or newer GPUs: measured on an
     H200 (``benchmarks/results/fastpath/levers_h200.json``) 1.4x (4 x 2048) to 1.6x (1 x 16384) the speed of the flash
     varlen kernel, forward + backward. Elsewhere the varlen kernel keeps the rows."""
+    from loraforge.kernels import cuda_capability
+
     if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)) or DENSE_MODE["mode"] != "cudnn":
         return False
-    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    if index not in _HOPPER:
-        _HOPPER[index] = torch.cuda.get_device_capability(index) >= (9, 0)
-    return _HOPPER[index]
+    return cuda_capability(q.device) >= (9, 0)
 
 
-_HOPPER: dict[int, bool] = {}
 #: ``cudnn``: one-sequence rows take :func:`dense_causal_attention` on Hopper+; ``varlen``: never (the A/B)
 DENSE_MODE = {"mode": "cudnn"}
 

@@ -6,7 +6,8 @@ activations on the GPU and skips that second forward. ``all`` checkpoints every 
 an integer N checkpoints the first N layers; ``auto`` checkpoints as few as the GPU's memory allows, from the
 memory model of :mod:`loraforge.estimate` (the one ``micro_batch_tokens: auto`` uses):
 
-    tokens    = the token budget of a micro-batch (micro_batch_tokens), else per_device_train_batch_size x cutoff_len
+    tokens    = the largest micro-batch a step can form (TokenBatchingPlan.largest_micro_batch: the token budget,
+                capped at one step's samples at full length; without token batching, batch size x cutoff_len)
     per_layer = (peak without checkpointing - peak with it) / layers, for a micro-batch of `tokens`
     usable    = 0.85 x (free device memory + cached-but-unused memory, after the weights are loaded)
                 - (peak with checkpointing - weights - adapter)          # loraforge.estimate.model.auto_kept_layers

@@ -128,6 +128,7 @@ def _check_fp8(reason: str | None, fp16: bool) -> None:
     import torch
 
     from ...errors import ConfigError
+    from ...kernels import cuda_capability
     from ...kernels.fp8 import fp8_supported
 
     if reason is not None:
@@ -140,7 +141,7 @@ def _check_fp8(reason: str | None, fp16: bool) -> None:
         device = torch.device("cuda", torch.cuda.current_device())
         if not fp8_supported(device):
             name = torch.cuda.get_device_name(device)
-            major, minor = torch.cuda.get_device_capability(device)
+            major, minor = cuda_capability(device)
             raise ConfigError([f"`fp8: true` needs FP8 matmuls with per-row scales (a Hopper GPU or newer, compute "
                                f"capability 9.0); {name} has {major}.{minor}: drop `fp8`"])
 
