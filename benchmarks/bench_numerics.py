@@ -78,6 +78,21 @@ def compare(rows: dict[str, dict], ref: str, upto: int) -> dict:
     return out
 
 
+def _collect(variant: str, proc: subprocess.Popen, deadline: float) -> dict:
+    """The RESULT row of one worker process, or why there is none (its error tail, or the timeout)."""
+    try:
+        stdout, stderr = proc.communicate(timeout=max(1.0, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        row = {"variant": variant, "error": "timeout"}
+    else:
+        found = [x[7:] for x in stdout.splitlines() if x.startswith("RESULT ")]
+        row = json.loads(found[-1]) if found else {"variant": variant, "error": stderr[-3000:]}
+    print(json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -87,6 +102,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-4, help="learning rate (higher: the curves move more)")
     ap.add_argument("--timeout", type=int, default=300)
     ap.add_argument("--out", help="write the report JSON here (required unless --worker)")
+    ap.add_argument("--parallel", action="store_true",
+                    help="run the variants at once, one process each (losses only: train_s is then shared time)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -95,19 +112,20 @@ def main() -> None:
     if not a.out:
         ap.error("--out is required")
     rows: dict[str, dict] = {}
+    procs = {}
     for variant in a.variants.split(","):
         cmd = [sys.executable, __file__, "--worker", variant, "--model", a.model, "--data", a.data,
                "--steps", str(a.steps), "--lr", str(a.lr)]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
-            found = [x[7:] for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            rows[variant] = json.loads(found[-1]) if found else {"variant": variant, "error": proc.stderr[-3000:]}
-        except subprocess.TimeoutExpired:
-            rows[variant] = {"variant": variant, "error": f"timeout after {a.timeout} s"}
-        print(json.dumps({k: v for k, v in rows[variant].items() if k != "losses"}), flush=True)
+        procs[variant] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if not a.parallel:
+            rows[variant] = _collect(variant, procs[variant], time.time() + a.timeout)
+    deadline = time.time() + a.timeout
+    for variant, proc in procs.items():
+        if variant not in rows:
+            rows[variant] = _collect(variant, proc, deadline)
     names = a.variants.split(",")
     ok = {n: r for n, r in rows.items() if "losses" in r}
-    report = {"command": "python benchmarks/bench_numerics.py " + " ".join(sys.argv[1:]),
+    report = {"command": "python benchmarks/bench_numerics.py " + " ".join(sys.argv[1:]), "parallel": a.parallel,
               "recipe": dict(RECIPE, learning_rate=a.lr),
               "model": a.model, "rows": list(rows.values())}
     if names[0] in ok:

@@ -259,12 +259,56 @@ def profile_summary(prof, wall_s: float, path: str) -> None:
     busy = sum(v[0] for v in kinds.values())
     out = {"wall_ms": round(wall_s * 1e3, 1), "kernel_ms": round(busy, 1),
            "busy_share": round(busy / (wall_s * 1e3), 3) if wall_s else None,
+           "timeline": timeline(prof),
            "kernels": sum(v[1] for v in kinds.values()),
            "by_kind_ms": {k: {"ms": round(v[0], 1), "share": round(v[0] / busy, 3), "count": v[1]}
                           for k, v in sorted(kinds.items(), key=lambda kv: -kv[1][0])},
            "top": [{"ms": round(t, 2), "count": c, "kind": k, "name": n}
                    for t, c, k, n in sorted(kernels, reverse=True)[:30]]}
     Path(path).write_text(json.dumps(out, indent=1), encoding="utf-8")
+
+
+def _union_ms(spans: list[tuple[float, float]]) -> float:
+    """Total length (ms) of the union of ``(start_us, end_us)`` intervals."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total / 1e3
+
+
+def timeline_from_events(events: list[dict]) -> dict:
+    """From a Chrome trace's device events: the time the GPU was busy at all (any stream), compute vs copies,
+    how much of the copy time ran under compute, and the busy time per stream."""
+    dev = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    if not dev:
+        return {}
+    span = lambda e: (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)))  # noqa: E731
+    copies = [span(e) for e in dev if e["cat"] != "kernel"]
+    compute = [span(e) for e in dev if e["cat"] == "kernel"]
+    streams: dict[str, list] = {}
+    for e in dev:
+        streams.setdefault(str(e.get("tid")), []).append(span(e))
+    first, last = min(a for a, _ in map(span, dev)), max(b for _, b in map(span, dev))
+    union, copy_ms, compute_ms = _union_ms(list(map(span, dev))), _union_ms(copies), _union_ms(compute)
+    return {"first_to_last_ms": round((last - first) / 1e3, 1), "gpu_busy_ms": round(union, 1),
+            "compute_busy_ms": round(compute_ms, 1), "copy_busy_ms": round(copy_ms, 1),
+            "copy_hidden_ms": round(copy_ms + compute_ms - union, 1),
+            "idle_ms": round((last - first) / 1e3 - union, 1),
+            "per_stream_ms": {k: round(_union_ms(v), 1) for k, v in sorted(streams.items())}}
+
+
+def timeline(prof) -> dict:
+    """:func:`timeline_from_events` of a finished profiler (through its Chrome trace)."""
+    path = Path(tempfile.mkdtemp()) / "trace.json"
+    try:
+        prof.export_chrome_trace(str(path))
+        return timeline_from_events(json.loads(path.read_text(encoding="utf-8")).get("traceEvents", []))
+    except (OSError, RuntimeError, ValueError, KeyError) as e:  # a diagnostic must not cost the run its numbers
+        return {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def _profiler():
