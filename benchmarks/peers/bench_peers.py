@@ -245,6 +245,9 @@ def profile_summary(prof, wall_s: float, path: str) -> None:
     count, the GPU-busy share of the step's wall time, and the 30 costliest kernels."""
     kinds: dict[str, list[float]] = {}
     kernels = []
+    host = sorted(((float(getattr(a, "self_cpu_time_total", 0) or 0) / 1e3, a.count, a.key[:80])
+                   for a in prof.key_averages() if not str(getattr(a, "device_type", "")).endswith("CUDA")),
+                  reverse=True)
     for a in prof.key_averages():  # the kernels themselves (a CPU op's "self" device time repeats them)
         if not str(getattr(a, "device_type", "")).endswith("CUDA"):
             continue
@@ -264,7 +267,9 @@ def profile_summary(prof, wall_s: float, path: str) -> None:
            "by_kind_ms": {k: {"ms": round(v[0], 1), "share": round(v[0] / busy, 3), "count": v[1]}
                           for k, v in sorted(kinds.items(), key=lambda kv: -kv[1][0])},
            "top": [{"ms": round(t, 2), "count": c, "kind": k, "name": n}
-                   for t, c, k, n in sorted(kernels, reverse=True)[:30]]}
+                   for t, c, k, n in sorted(kernels, reverse=True)[:30]],
+           "host": {"aten_ops": sum(c for _, c, k in host if k.startswith("aten::")),
+                    "top_self_ms": [{"ms": round(t, 2), "count": c, "op": k} for t, c, k in host[:30]]}}
     Path(path).write_text(json.dumps(out, indent=1), encoding="utf-8")
 
 
