@@ -170,7 +170,7 @@ def worker_loraforge(kind: str, path: str, seq: int, bs: int, steps: int, warmup
     cfg = {"model_name_or_path": path, "dataset": "dummy", "dataset_dir": str(data_dir), "template": "qwen3",
            "tokenized_path": str(data_dir / "tokenized"), "cutoff_len": seq, "output_dir": str(work / kind),
            "overwrite_output_dir": True, "per_device_train_batch_size": bs, "gradient_accumulation_steps": 1,
-           "max_steps": warmup + steps + (1 if profile else 0), "logging_steps": 1, "save_strategy": "no",
+           "max_steps": warmup + steps + (2 if profile else 0), "logging_steps": 1, "save_strategy": "no",
            "learning_rate": 2e-4,
            "lr_scheduler_type": "constant", "warmup_steps": 0, "bf16": True, "lora_rank": 16, "lora_alpha": 16,
            "lora_target": "all", "optim": "adamw_torch", "report_to": "none", "plot_loss": False,
@@ -207,6 +207,13 @@ def worker_loraforge(kind: str, path: str, seq: int, bs: int, steps: int, warmup
                 prof = times.pop("prof")
                 prof.__exit__(None, None, None)
                 profile_summary(prof, wall, profile)
+                import cProfile
+
+                times["py"] = cProfile.Profile()  # and the step after it under Python's profiler (host time)
+                times["py"].enable()
+            elif "py" in times and state.global_step == warmup + steps + 2:
+                times["py"].disable()
+                python_summary(times.pop("py"), profile)
             if state.global_step == warmup:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -296,12 +303,49 @@ def timeline_from_events(events: list[dict]) -> dict:
     for e in dev:
         streams.setdefault(str(e.get("tid")), []).append(span(e))
     first, last = min(a for a, _ in map(span, dev)), max(b for _, b in map(span, dev))
+    gaps = _gaps(events, dev, span)
     union, copy_ms, compute_ms = _union_ms(list(map(span, dev))), _union_ms(copies), _union_ms(compute)
     return {"first_to_last_ms": round((last - first) / 1e3, 1), "gpu_busy_ms": round(union, 1),
             "compute_busy_ms": round(compute_ms, 1), "copy_busy_ms": round(copy_ms, 1),
             "copy_hidden_ms": round(copy_ms + compute_ms - union, 1),
             "idle_ms": round((last - first) / 1e3 - union, 1),
-            "per_stream_ms": {k: round(_union_ms(v), 1) for k, v in sorted(streams.items())}}
+            "per_stream_ms": {k: round(_union_ms(v), 1) for k, v in sorted(streams.items())}, "gaps": gaps}
+
+
+def _gaps(events: list[dict], dev: list[dict], span) -> dict:
+    """Where the GPU sat idle: its idle gaps by size, and by the host op that launched the work which ended each
+    gap (a gap whose next kernel was launched after the gap began means the host was late, not the GPU)."""
+    launches = {e["args"]["correlation"]: float(e["ts"]) for e in events
+                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    op_of: dict[int, tuple[float, str]] = {}
+    for e in events:
+        if e.get("cat") == "cpu_op" and "External id" in e.get("args", {}):
+            key, dur = e["args"]["External id"], float(e.get("dur", 0))
+            if key not in op_of or dur < op_of[key][0]:  # the innermost op of that id
+                op_of[key] = (dur, e["name"])
+    order = sorted(dev, key=lambda e: span(e)[0])
+    buckets = {"<20us": [0, 0.0], "20-100us": [0, 0.0], "0.1-1ms": [0, 0.0], ">1ms": [0, 0.0]}
+    by_op: dict[str, list] = {}
+    host_late, end = 0.0, span(order[0])[1]
+    for e in order[1:]:
+        a, b = span(e)
+        gap = a - end
+        if gap > 0:
+            size = "<20us" if gap < 20 else "20-100us" if gap < 100 else "0.1-1ms" if gap < 1000 else ">1ms"
+            buckets[size][0] += 1
+            buckets[size][1] += gap / 1e3
+            launched = launches.get(e.get("args", {}).get("correlation"))
+            if launched is not None and launched > end:
+                host_late += gap / 1e3
+            name = op_of.get(e.get("args", {}).get("External id"), (0, e.get("name", "?")[:60]))[1]
+            slot = by_op.setdefault(name, [0, 0.0])
+            slot[0] += 1
+            slot[1] += gap / 1e3
+        end = max(end, b)
+    top = sorted(by_op.items(), key=lambda kv: -kv[1][1])[:25]
+    return {"by_size": {k: {"count": c, "ms": round(t, 1)} for k, (c, t) in buckets.items()},
+            "host_late_ms": round(host_late, 1),
+            "before_op": [{"op": k, "count": c, "ms": round(t, 2)} for k, (c, t) in top]}
 
 
 def timeline(prof) -> dict:
@@ -314,6 +358,22 @@ def timeline(prof) -> dict:
         return {"error": f"{type(e).__name__}: {e}"}
     finally:
         path.unlink(missing_ok=True)
+
+
+def python_summary(py, path: str) -> None:
+    """Add the host's Python functions (cProfile of one step: own time and time including callees) to the
+    profile JSON at ``path``."""
+    import pstats
+
+    stats = pstats.Stats(py).stats
+    rows = [(tt, ct, nc, f"{Path(fn).name}:{line}:{name}") for (fn, line, name), (_, nc, tt, ct, _) in stats.items()]
+    report = json.loads(Path(path).read_text(encoding="utf-8"))
+    report["python"] = {"total_s": round(sum(r[0] for r in rows), 3),
+                        "by_own_time": [{"own_ms": round(tt * 1e3, 1), "cum_ms": round(ct * 1e3, 1), "calls": nc,
+                                         "fn": f} for tt, ct, nc, f in sorted(rows, reverse=True)[:40]],
+                        "by_cum_time": [{"own_ms": round(tt * 1e3, 1), "cum_ms": round(ct * 1e3, 1), "calls": nc,
+                                         "fn": f} for tt, ct, nc, f in sorted(rows, key=lambda r: -r[1])[:40]]}
+    Path(path).write_text(json.dumps(report, indent=1), encoding="utf-8")
 
 
 def _profiler():
