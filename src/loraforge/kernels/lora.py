@@ -18,11 +18,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .dequant import dequantize_4bit, direct_ok
+
 
 def dequantize_weight(base_layer: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The [out, in] weight of ``base_layer`` in ``dtype`` (a view when it is already a plain tensor)."""
     weight = base_layer.weight
     kind = type(weight).__name__
+    if kind == "Params4bit" and direct_ok(weight, dtype):  # bitsandbytes' kernels, less host work per call
+        return dequantize_4bit(weight, dtype)
     if kind in ("Params4bit", "Int8Params"):
         from peft.utils.integrations import dequantize_bnb_weight
 

@@ -1,0 +1,72 @@
+"""The fast call into bitsandbytes' 4-bit dequantization (kernels/dequant.py): bit-equal to bitsandbytes' own
+function on the GPU, and never taken where it would not be exactly that."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraforge.kernels import dequant
+from loraforge.kernels.lora import dequantize_weight
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def _layer(quant_type: str, nested: bool, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(256, 192, bias=False, compute_dtype=dtype, quant_type=quant_type,
+                              compress_statistics=nested)
+    layer.weight = bnb.nn.Params4bit(torch.randn(192, 256) * 0.05, requires_grad=False, quant_type=quant_type,
+                                     compress_statistics=nested)
+    return layer.to(device)
+
+
+def test_cpu_weights_take_bitsandbytes_own_function():
+    layer = _layer("nf4", True, torch.float32, "cpu")
+    assert not dequant.direct_ok(layer.weight, torch.float32)
+    assert not dequant.direct_ok(torch.nn.Parameter(torch.zeros(2, 2)), torch.float32)  # no quant_state
+
+
+def test_entry_points_are_refused_when_their_signature_differs(monkeypatch):
+    import sys
+    import types
+
+    import bitsandbytes.cextension as cext
+
+    def fake_lib(argtypes):
+        names = [f"cdequantize_blockwise_{d}_{q}" for d in ("bf16", "fp16", "fp32") for q in ("nf4", "fp4")]
+        fns = {n: types.SimpleNamespace(argtypes=argtypes) for n in [*names, "cdequantize_blockwise_fp32"]}
+        return types.SimpleNamespace(_lib=types.SimpleNamespace(**fns))
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes.backends.cuda.ops", types.ModuleType("ops"))
+    try:
+        monkeypatch.setattr(cext, "lib", fake_lib(list(dequant._SIGNATURE)))
+        dequant._entry_points.cache_clear()
+        assert dequant._entry_points() is not None  # the signature it was written against: used
+        monkeypatch.setattr(cext, "lib", fake_lib(list(dequant._SIGNATURE[:-1])))
+        dequant._entry_points.cache_clear()
+        assert dequant._entry_points() is None  # a changed signature: bitsandbytes' own function instead
+    finally:
+        dequant._entry_points.cache_clear()
+
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_direct_dequantization_is_bit_equal_to_bitsandbytes(quant_type, nested, dtype):
+    layer = _layer(quant_type, nested, dtype, "cuda")
+    w = layer.weight
+    assert dequant.direct_ok(w, dtype)
+    want = bnb.functional.dequantize_4bit(w.data, w.quant_state)
+    got = dequantize_weight(layer, dtype)
+    assert got.dtype == want.dtype == dtype and got.shape == want.shape
+    assert torch.equal(got, want)
+    other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
+    assert not dequant.direct_ok(w, other)  # another output dtype: bitsandbytes' path, then a cast
+    torch.testing.assert_close(dequantize_weight(layer, other), want.to(other), rtol=0, atol=0)

@@ -1,0 +1,56 @@
+"""The Trainer overrides that spare the host a walk of the module tree: the same numbers as the Trainer's own."""
+
+from __future__ import annotations
+
+import torch
+from transformers import Seq2SeqTrainingArguments, Trainer
+
+from fast_models import tiny_model
+from loraforge.train.callbacks import NonFiniteGuard, trainable_parameters
+from loraforge.train.trainer import LoraforgeTrainer
+
+
+def _trainer(tmp_path, model):
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), report_to="none", max_grad_norm=0.5, use_cpu=True)
+    return LoraforgeTrainer(model=model, args=args)
+
+
+def test_flops_count_equals_the_trainers_and_counts_parameters_once(tmp_path, monkeypatch):
+    model = tiny_model("qwen3")
+    trainer = _trainer(tmp_path, model)
+    inputs = {"input_ids": torch.ones(2, 7, dtype=torch.long)}
+    want = Trainer.floating_point_ops(trainer, inputs)
+    calls = []
+    count = model.num_parameters
+    monkeypatch.setattr(model, "num_parameters", lambda **kw: calls.append(kw) or count(**kw))
+    assert trainer.floating_point_ops(inputs) == want == 6 * 14 * count(exclude_embeddings=True)
+    assert trainer.floating_point_ops({"input_ids": torch.ones(1, 3, dtype=torch.long)}) == 6 * 3 * count(
+        exclude_embeddings=True)
+    assert len(calls) == 1
+    assert trainer.floating_point_ops({"labels": torch.ones(1, 3)}) == 0  # no main input: the Trainer's 0
+
+
+def test_clipping_over_trainable_parameters_equals_the_trainers(tmp_path):
+    grads = {}
+    for own in (True, False):
+        torch.manual_seed(0)
+        model = tiny_model("qwen3")
+        trainer = _trainer(tmp_path, model)
+        model(input_ids=torch.randint(0, 100, (2, 9)), labels=torch.randint(0, 100, (2, 9))).loss.mul(50).backward()
+        norm = trainer._clip_grad_norm(model) if own else Trainer._clip_grad_norm(trainer, model)
+        grads[own] = (float(norm), [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert grads[True][0] == grads[False][0] > 0.5  # clipped
+    assert all(torch.equal(a, b) for a, b in zip(grads[True][1], grads[False][1], strict=True))
+
+
+def test_trainable_parameters_are_listed_once_per_model():
+    model = tiny_model("qwen3")
+    first = trainable_parameters(model)
+    assert first is trainable_parameters(model)
+    assert [id(p) for p in first] == [id(p) for p in model.parameters() if p.requires_grad]
+    guard = NonFiniteGuard(3, uses_grad_scaler=False)
+    for p in first:
+        p.grad = torch.zeros_like(p)
+    assert bool(guard._grads_finite(model))
+    first[0].grad[0] = float("nan")
+    assert not bool(guard._grads_finite(model))
