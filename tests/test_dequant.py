@@ -16,8 +16,9 @@ def _layer(quant_type: str, nested: bool, dtype: torch.dtype, device: str) -> to
     torch.manual_seed(0)
     layer = bnb.nn.Linear4bit(256, 192, bias=False, compute_dtype=dtype, quant_type=quant_type,
                               compress_statistics=nested)
-    layer.weight = bnb.nn.Params4bit(torch.randn(192, 256) * 0.05, requires_grad=False, quant_type=quant_type,
-                                     compress_statistics=nested)
+    # quantized from a weight in `dtype`, as a model loaded in that dtype is: bitsandbytes dequantizes to it
+    layer.weight = bnb.nn.Params4bit((torch.randn(192, 256) * 0.05).to(dtype), requires_grad=False,
+                                     quant_type=quant_type, compress_statistics=nested)
     return layer.to(device)
 
 
