@@ -43,6 +43,16 @@ def test_clipping_over_trainable_parameters_equals_the_trainers(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(grads[True][1], grads[False][1], strict=True))
 
 
+def test_unclipped_grad_norm_for_the_log_equals_the_trainers(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_model("qwen3")
+    trainer = _trainer(tmp_path, model)
+    model(input_ids=torch.randint(0, 100, (2, 9)), labels=torch.randint(0, 100, (2, 9))).loss.backward()
+    before = [p.grad.clone() for p in trainable_parameters(model)]
+    assert float(trainer._get_grad_norm(model)) == float(Trainer._get_grad_norm(trainer, model)) > 0
+    assert all(torch.equal(a, p.grad) for a, p in zip(before, trainable_parameters(model), strict=True))
+
+
 def test_trainable_parameters_are_listed_once_per_model():
     model = tiny_model("qwen3")
     first = trainable_parameters(model)
@@ -54,3 +64,26 @@ def test_trainable_parameters_are_listed_once_per_model():
     assert bool(guard._grads_finite(model))
     first[0].grad[0] = float("nan")
     assert not bool(guard._grads_finite(model))
+
+
+def test_guard_checks_the_norm_clipping_computed_instead_of_its_own(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    model = tiny_model("qwen3")
+    guard = NonFiniteGuard(5, uses_grad_scaler=False)
+    trainer = _trainer(tmp_path, model)
+    trainer.guard = guard
+    model(input_ids=torch.randint(0, 100, (2, 9)), labels=torch.randint(0, 100, (2, 9))).loss.backward()
+    monkeypatch.setattr(NonFiniteGuard, "_grads_finite", staticmethod(lambda m: 1 / 0))  # must not be needed
+    state = SimpleNamespace(global_step=0)
+    trainer._clip_grad_norm(model)
+    guard.on_pre_optimizer_step(None, state, None, model=model)
+    assert guard.total_skipped == 0 and all(p.grad is not None for p in trainable_parameters(model))
+    guard.note_grad_norm(torch.tensor(float("nan")))
+    guard.on_pre_optimizer_step(None, state, None, model=model)
+    assert guard.total_skipped == 1 and all(p.grad is None for p in trainable_parameters(model))
+    monkeypatch.undo()  # no clipping this step: the guard computes the norms itself
+    for p in trainable_parameters(model):
+        p.grad = torch.full_like(p, float("inf"))
+    guard.on_pre_optimizer_step(None, state, None, model=model)
+    assert guard.total_skipped == 2

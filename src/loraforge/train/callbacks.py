@@ -209,10 +209,16 @@ class NonFiniteGuard(TrainerCallback):
         self.consecutive = 0
         self.skipped_steps: list[int] = []
         self._loss_ok: torch.Tensor | bool = True
+        self._grad_norm: torch.Tensor | None = None
 
     def note_loss(self, loss: torch.Tensor) -> None:
         """Fold one micro-batch loss into the step's finiteness flag (it stays on the device: no sync)."""
         self._loss_ok = torch.isfinite(loss.detach()).all() & self._loss_ok
+
+    def note_grad_norm(self, norm: torch.Tensor) -> None:
+        """The step's total gradient norm as gradient clipping computed it: the guard checks it instead of
+        computing the norms of every gradient a second time."""
+        self._grad_norm = norm
 
     @staticmethod
     def _grads_finite(model) -> torch.Tensor | bool:
@@ -223,9 +229,10 @@ class NonFiniteGuard(TrainerCallback):
         return torch.isfinite(torch.stack([n.float() for n in norms]).sum())
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        ok = self._loss_ok
+        ok, norm = self._loss_ok, self._grad_norm
+        self._grad_norm = None
         if not self.uses_grad_scaler and model is not None:
-            ok = self._grads_finite(model) & ok
+            ok = (torch.isfinite(norm) if isinstance(norm, torch.Tensor) else self._grads_finite(model)) & ok
         bad = not bool(ok)  # the one host sync of the step
         step = state.global_step + 1
         self._loss_ok = True

@@ -9,7 +9,7 @@
   the Trainer's ``compute_loss_func``, works from the final hidden states).
 - ``get_batch_samples`` (+ ``training_step``, ``floating_point_ops``, ``_track_num_input_tokens``): token-budget
   batching regroups one optimizer step's samples into packed micro-batches (see :mod:`.token_batching`).
-- ``floating_point_ops``, ``_clip_grad_norm``: the same numbers with the parameters counted and listed once,
+- ``floating_point_ops``, ``_clip_grad_norm``, ``_get_grad_norm``: the same numbers with the parameters counted and listed once,
   not at every micro-batch and step (each walk of an 8B PEFT model's module tree costs the host ~25 ms).
 """
 
@@ -91,14 +91,30 @@ class LoraforgeTrainer(Seq2SeqTrainer):
 
     def _clip_grad_norm(self, model):
         """Gradient clipping over the trainable parameters, listed once (the Trainer lists all parameters of the
-        model at every step; frozen ones have no gradient to clip). Other setups keep the Trainer's own."""
+        model at every step; frozen ones have no gradient to clip); the non-finite guard checks the norm it
+        computed. Other setups keep the Trainer's own."""
+        norm = self._trainable_grad_norm(model, self.args.max_grad_norm)
+        return super()._clip_grad_norm(model) if norm is None else norm
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # without clipping the Trainer still measures the norm for the log: the same, over the listed parameters
+        if grad_norm is None:
+            grad_norm = self._trainable_grad_norm(model, float("inf"))
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
+
+    def _trainable_grad_norm(self, model, max_norm: float):
+        """``clip_grad_norm_`` over :func:`trainable_parameters` (handed to the guard), or None where the Trainer's
+        own handling is needed (DeepSpeed, FSDP, mixed device meshes, a Trainer without these hooks)."""
         from accelerate.utils import DistributedType
 
         mixed = getattr(self, "_has_mixed_mesh_grads", None)
-        if self.accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU) and \
-                mixed is not None and not mixed(model):
-            return self.accelerator.clip_grad_norm_(trainable_parameters(model), self.args.max_grad_norm)
-        return super()._clip_grad_norm(model)
+        if self.accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU) or \
+                mixed is None or mixed(model):
+            return None
+        norm = self.accelerator.clip_grad_norm_(trainable_parameters(model), max_norm)
+        if self.guard is not None:
+            self.guard.note_grad_norm(norm)
+        return norm
 
     def _track_num_input_tokens(self, inputs):
         # a private Trainer hook: counting the original micro-batch keeps tokens_seen equal to `off`
