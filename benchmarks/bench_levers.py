@@ -135,13 +135,16 @@ def attention_rows(batch: int, seq: int) -> list[dict]:
             return out, q.grad, k.grad, v.grad
         return run
 
-    def sdpa(backend):
+    def sdpa(backend, gqa: bool = False):
         def run():
             q, k, v = (t.detach().reshape(batch, seq, -1, HD).transpose(1, 2).requires_grad_(True)
                        for t in (q0, k0, v0))
             with sdpa_kernel(backend):
-                kr, vr = k.repeat_interleave(QH // KVH, 1), v.repeat_interleave(QH // KVH, 1)
-                out = F.scaled_dot_product_attention(q, kr, vr, is_causal=True, scale=scale)
+                if gqa:  # K/V heads shared by the kernel itself (no repeated copies), where the backend takes it
+                    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+                else:
+                    kr, vr = k.repeat_interleave(QH // KVH, 1), v.repeat_interleave(QH // KVH, 1)
+                    out = F.scaled_dot_product_attention(q, kr, vr, is_causal=True, scale=scale)
             out.backward(go.reshape(batch, seq, QH, HD).transpose(1, 2))
             return (out.transpose(1, 2).reshape(tokens, QH, HD), q.grad.transpose(1, 2).reshape(tokens, QH, HD),
                     k.grad.transpose(1, 2).reshape(tokens, KVH, HD), v.grad.transpose(1, 2).reshape(tokens, KVH, HD))
@@ -152,7 +155,8 @@ def attention_rows(batch: int, seq: int) -> list[dict]:
     rows = []
     for name, fn in (("varlen_repeat", varlen("repeat")), ("varlen_gqa_native", varlen("native")),
                      ("sdpa_flash", sdpa(SDPBackend.FLASH_ATTENTION)),
-                     ("sdpa_cudnn", sdpa(SDPBackend.CUDNN_ATTENTION))):
+                     ("sdpa_cudnn", sdpa(SDPBackend.CUDNN_ATTENTION)),
+                     ("sdpa_cudnn_enable_gqa", sdpa(SDPBackend.CUDNN_ATTENTION, gqa=True))):
         row = {"op": "attention", "impl": name, "batch": batch, "seq": seq}
         try:
             got = fn()
