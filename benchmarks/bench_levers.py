@@ -8,7 +8,8 @@
 - ``attention``: causal attention over packed samples (4 x 2048 and 1 x 16384 tokens), forward + backward:
   flash varlen with K/V repeated to every query head, flash varlen sharing K/V heads natively
   (:class:`loraforge.kernels.varlen_attention.FlashVarlenGQA`), and SDPA's flash and cuDNN backends on a padded
-  batch; with the largest difference from the repeat path.
+  batch (cuDNN also with `enable_gqa=True`, K/V heads not repeated); with the largest difference from the repeat
+  path.
 - ``packed``: packed samples of mixed lengths: flash varlen against cuDNN's ragged attention.
 
 Every time is the median of CUDA-event timings after warm-up. One JSON file with the GPU and versions.
