@@ -33,8 +33,8 @@ def test_busy_hidden_and_idle_time_over_all_streams():
 def test_gaps_are_attributed_to_the_host_op_that_ended_them():
     events = [
         _kernel(0, 100, 1), _kernel(160, 100, 2), _kernel(2400, 50, 3, name="adam"),
-        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 120, "dur": 5, "args": {"correlation": 2}},
-        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 2000, "dur": 5, "args": {"correlation": 3}},
+        *({"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": ts, "dur": 5, "args": {"correlation": c}}
+          for ts, c in ((120, 2), (2000, 3))),
         {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 110, "dur": 30, "args": {"External id": 2}},
         {"ph": "X", "cat": "cpu_op", "name": "Optimizer.step", "ts": 1900, "dur": 400, "args": {"External id": 3}},
         {"ph": "X", "cat": "cpu_op", "name": "aten::_foreach_sqrt", "ts": 1990, "dur": 20, "args": {"External id": 3}},

@@ -299,14 +299,15 @@ def timeline_from_events(events: list[dict]) -> dict:
     if not dev:
         return {}
     span = lambda e: (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)))  # noqa: E731
-    copies = [span(e) for e in dev if e["cat"] != "kernel"]
-    compute = [span(e) for e in dev if e["cat"] == "kernel"]
+    spans = [span(e) for e in dev]
+    copies = [s for s, e in zip(spans, dev) if e["cat"] != "kernel"]
+    compute = [s for s, e in zip(spans, dev) if e["cat"] == "kernel"]
     streams: dict[str, list] = {}
-    for e in dev:
-        streams.setdefault(str(e.get("tid")), []).append(span(e))
-    first, last = min(a for a, _ in map(span, dev)), max(b for _, b in map(span, dev))
+    for s, e in zip(spans, dev):
+        streams.setdefault(str(e.get("tid")), []).append(s)
+    first, last = min(a for a, _ in spans), max(b for _, b in spans)
     gaps = _gaps(events, dev, span)
-    union, copy_ms, compute_ms = _union_ms(list(map(span, dev))), _union_ms(copies), _union_ms(compute)
+    union, copy_ms, compute_ms = _union_ms(spans), _union_ms(copies), _union_ms(compute)
     return {"first_to_last_ms": round((last - first) / 1e3, 1), "gpu_busy_ms": round(union, 1),
             "compute_busy_ms": round(compute_ms, 1), "copy_busy_ms": round(copy_ms, 1),
             "copy_hidden_ms": round(copy_ms + compute_ms - union, 1),

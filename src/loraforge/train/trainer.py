@@ -9,8 +9,9 @@
   the Trainer's ``compute_loss_func``, works from the final hidden states).
 - ``get_batch_samples`` (+ ``training_step``, ``floating_point_ops``, ``_track_num_input_tokens``): token-budget
   batching regroups one optimizer step's samples into packed micro-batches (see :mod:`.token_batching`).
-- ``floating_point_ops``, ``_clip_grad_norm``, ``_get_grad_norm``: the same numbers with the parameters counted and listed once,
-  not at every micro-batch and step (each walk of an 8B PEFT model's module tree costs the host ~25 ms).
+- ``floating_point_ops``, ``_clip_grad_norm``, ``_get_grad_norm``: the same numbers with the parameters counted
+  and listed once, not at every micro-batch and step (each walk of an 8B PEFT model's module tree costs the host
+  ~25 ms); the non-finite guard reuses the clipped norm.
 """
 
 from __future__ import annotations
