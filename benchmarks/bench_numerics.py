@@ -10,6 +10,7 @@ largest relative difference from the reference variant's loss at each step over 
 Variants (`--variants`, comma list; the first is the reference):
   std      fast_path: off, bf16            fast     the fast path, bf16 (the default)
   fp8      the fast path with fp8: true     fp16     the fast path in fp16 with loss scaling (Turing cards)
+  fp8bwd   the fast path with fp8: backward (FP8 only for the input-gradient matmul)
   fast_lora16 / std_lora16                  the same on a 16-bit base (no quantization)
 The issue's checks: `fast` within 1% of `std` at each of 30 steps (bf16); `fp16` within 2% of `fast` over 50.
 """
@@ -33,6 +34,7 @@ VARIANTS = {
     "std": {"fast_path": "off", "bf16": True},
     "fast": {"fast_path": "on", "bf16": True},
     "fp8": {"fast_path": "on", "bf16": True, "fp8": True},
+    "fp8bwd": {"fast_path": "on", "bf16": True, "fp8": "backward"},
     "fp16": {"fast_path": "on", "fp16": True},
     "std_lora16": {"fast_path": "off", "bf16": True, "quantization_bit": None},
     "fast_lora16": {"fast_path": "on", "bf16": True, "quantization_bit": None},

@@ -206,3 +206,49 @@ def test_fp8_lora_function_on_gpu():
         outs.append((out.detach(), x.grad))
     assert _rel(outs[1][0], outs[0][0]) < 0.06 and _rel(outs[1][1], outs[0][1]) < 0.08
 
+
+
+def test_fp8_backward_keeps_the_forward_16_bit():
+    """`fp8: backward`: the output is bit-equal to 16 bits, only the input gradient goes through FP8 (and the
+    adapter gradients, which use the 16-bit output's gradient, stay exactly 16-bit here: the loss is linear in
+    the output)."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 48, bias=True).to(BF16).requires_grad_(False)
+    a = torch.nn.Parameter(torch.randn(4, 64) * 0.1)
+    b = torch.nn.Parameter(torch.randn(48, 4) * 0.1)
+    g = torch.randn(3, 10, 48, generator=torch.Generator().manual_seed(2)).to(BF16)
+    runs = {}
+    for fp8 in (False, "backward", True):
+        x = torch.randn(3, 10, 64, generator=torch.Generator().manual_seed(1)).to(BF16).requires_grad_(True)
+        out = lora_linear(x, base, a, b, 2.0, fp8=fp8)
+        out.backward(g)
+        runs[fp8] = (out.detach(), x.grad, a.grad.clone(), b.grad.clone())
+        a.grad = b.grad = None
+    (o16, gx16, ga16, gb16), (ob, gxb, gab, gbb), (o8, gx8, _, _) = runs[False], runs["backward"], runs[True]
+    assert torch.equal(ob, o16) and not torch.equal(o8, o16)
+    assert torch.equal(gab, ga16) and torch.equal(gbb, gb16)
+    assert 0 < _rel(gxb, gx16) < 0.08
+    assert torch.equal(gxb, gx8)  # the same FP8 input gradient as `fp8: true` (same dY, same weight cast)
+
+
+def test_fp8_backward_mode_through_the_fast_path_and_the_config(tmp_path):
+    from loraforge.config import load_config
+    from loraforge.config.finetuning import fp8_setting
+
+    assert [fp8_setting(v) for v in (None, False, True, "backward", "Backward", "off", "true")] == \
+        [False, False, True, "backward", "backward", False, True]
+    with pytest.raises(ValueError, match="true, false or backward"):
+        fp8_setting("forward")
+    assert plan_fast_path(_cfg(fp8="backward"), QWEN3).fp8 == "backward"
+    with pytest.raises(ConfigError, match="`fp8: backward` runs on the fast path"):
+        plan_fast_path(_cfg(fp8="backward", fast_path="off"), QWEN3)
+    model = tiny_model("qwen3").to(BF16)
+    fast = apply_fast_path(model, FastPathPlan(True, "test", fp8="backward"))
+    assert "FP8 input-gradient matmuls" in fast.summary()
+    fast.restore()
+    path = tmp_path / "c.yaml"
+    path.write_text("model_name_or_path: tiny-random-qwen3\nfp8: backward\n", encoding="utf-8")
+    assert load_config(str(path), [], purpose="estimate", build_training_args=False).finetuning.fp8 == "backward"
+    path.write_text("model_name_or_path: tiny-random-qwen3\nfp8: sideways\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="`fp8` must be true, false or backward"):
+        load_config(str(path), [], purpose="estimate", build_training_args=False)

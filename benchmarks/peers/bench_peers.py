@@ -10,7 +10,7 @@ real here), seconds/step, peak allocated memory, first/last loss; with the comma
 Workers: loraforge, loraforge_std (fast_path: off), hf, unsloth; `_nogc` turns checkpointing off; loraforge's
 `_ckauto` sets `checkpoint_layers: auto` and `_ck<N>` `checkpoint_layers: N` (e.g. loraforge_ckauto,
 loraforge_ck18); `_gqarep` repeats K/V heads before the varlen kernel instead of sharing them (the GQA lever's A/B);
-`_fp8` sets `fp8: true` (FP8 base-weight matmuls); `_adamfused` sets `optim: adamw_torch_fused`.
+`_fp8` sets `fp8: true` (FP8 base-weight matmuls), `_fp8bwd` `fp8: backward`; `_adamfused` sets `optim: adamw_torch_fused`.
 `--profile DIR` profiles one extra step per worker and writes where its GPU time went (by kernel kind).
 `--seqs 16384,24576,32768 --cap-gib 24` runs each worker at batch 1 at each length under a 24 GiB cap
 (`torch.cuda.set_per_process_memory_fraction`): the longest that trains is the one to compare.
@@ -182,7 +182,7 @@ def worker_loraforge(kind: str, path: str, seq: int, bs: int, steps: int, warmup
     if kind.startswith("loraforge_std"):
         cfg["fast_path"] = "off"
     if "_fp8" in kind:
-        cfg["fp8"] = True
+        cfg["fp8"] = "backward" if "_fp8bwd" in kind else True
     if "_adamfused" in kind:  # transformers' own default optimizer on torch 2.8+ (one fused kernel per group)
         cfg["optim"] = "adamw_torch_fused"
     if "_gqarep" in kind:  # the A/B of the GQA lever: K/V heads repeated before the varlen kernel

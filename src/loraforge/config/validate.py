@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Collection, Mapping
 
 from .engines import distributed_problems, resolve_deepspeed, training_defaults  # noqa: F401 - re-exported
-from .finetuning import micro_batch_tokens_setting
+from .finetuning import fp8_setting, micro_batch_tokens_setting
 from .model import checkpoint_layers_setting
 from .training import adjust_training_values  # noqa: F401 - re-exported for existing importers
 
@@ -74,10 +74,11 @@ def finetuning_problems(cfg: "RunConfig", purpose: str) -> list[str]:
         p.append("`use_dora` and `pissa_init` cannot be combined; choose one")
     if f.loraplus_lr_ratio is not None and f.loraplus_lr_ratio <= 0:
         p.append(f"`loraplus_lr_ratio` must be positive, got {f.loraplus_lr_ratio}")
-    try:
-        micro_batch_tokens_setting(f.micro_batch_tokens)
-    except ValueError as err:
-        p.append(str(err))
+    for check, value in ((micro_batch_tokens_setting, f.micro_batch_tokens), (fp8_setting, f.fp8)):
+        try:
+            check(value)
+        except ValueError as err:
+            p.append(str(err))
     if f.finetuning_type == "freeze" and f.freeze_trainable_layers == 0:
         p.append("`freeze_trainable_layers: 0` trains nothing; use a positive (last N) or negative (first N) count")
     if f.create_new_adapter and not m.adapter_name_or_path:

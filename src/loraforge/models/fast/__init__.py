@@ -34,7 +34,7 @@ class FastPathPlan:
     reason: str
     setting: str = "auto"
     fused_loss: bool = False  # the chunked linear cross-entropy runs even where the modules are not swapped
-    fp8: bool = False  # the frozen-weight GEMMs run in FP8 (`fp8: true`)
+    fp8: bool | str = False  # frozen-weight GEMMs in FP8: True (forward and input gradient), "backward", False
 
     def __post_init__(self) -> None:
         self.fused_loss = self.fused_loss or self.enabled
@@ -63,7 +63,8 @@ class FastPath:
             return f"fast path: off ({self.plan.reason}){loss}"
         parts = ", ".join(f"{n} {k}" for k, n in self.swapped.items())
         ckpt = f"; {self.offloaded} checkpointed layers keep their inputs in host memory" if self.offloaded else ""
-        fp8 = "; FP8 base-weight matmuls" if self.plan.fp8 else ""
+        fp8 = {True: "; FP8 base-weight matmuls", "backward": "; FP8 input-gradient matmuls of the base weights"
+               }.get(self.plan.fp8, "")
         return f"fast path: on ({parts}; variable-length attention; fused linear cross-entropy{fp8}{ckpt})"
 
     def restore(self) -> None:
@@ -123,8 +124,8 @@ def _uncovered_reason(cfg: Any, config: Any) -> str | None:
 DEEPSPEED_REASON = "DeepSpeed shards the weights; the fast path's modules run on single-GPU and DDP"
 
 
-def _check_fp8(reason: str | None, fp16: bool) -> None:
-    """`fp8: true` needs the fast path, bf16 and, on a GPU, FP8 tensor cores with per-row scaling (Hopper+)."""
+def _check_fp8(reason: str | None, fp16: bool, value: str = "true") -> None:
+    """`fp8` needs the fast path, bf16 and, on a GPU, FP8 tensor cores with per-row scaling (Hopper+)."""
     import torch
 
     from ...errors import ConfigError
@@ -132,17 +133,17 @@ def _check_fp8(reason: str | None, fp16: bool) -> None:
     from ...kernels.fp8 import fp8_supported
 
     if reason is not None:
-        raise ConfigError([f"`fp8: true` runs on the fast path, which cannot run this configuration: {reason}; "
+        raise ConfigError([f"`fp8: {value}` runs on the fast path, which cannot run this configuration: {reason}; "
                            "drop `fp8` or change what the reason names"])
     if fp16:
-        raise ConfigError(["`fp8: true` writes its matmul results in bf16 and cannot run with `fp16: true`; use "
+        raise ConfigError([f"`fp8: {value}` writes its matmul results in bf16 and cannot run with `fp16: true`; use "
                            "`bf16: true` (every GPU with FP8 has bf16)"])
     if torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
         if not fp8_supported(device):
             name = torch.cuda.get_device_name(device)
             major, minor = cuda_capability(device)
-            raise ConfigError([f"`fp8: true` needs FP8 matmuls with per-row scales (a Hopper GPU or newer, compute "
+            raise ConfigError([f"`fp8: {value}` needs FP8 matmuls with per-row scales (a Hopper GPU or newer, compute "
                                f"capability 9.0); {name} has {major}.{minor}: drop `fp8`"])
 
 
@@ -151,10 +152,13 @@ def plan_fast_path(cfg: Any, config: Any = None) -> FastPathPlan:
     from ...errors import ConfigError
 
     setting = cfg.finetuning.fast_path
-    fp8 = bool(getattr(cfg.finetuning, "fp8", False))
+    from ...config.finetuning import fp8_setting
+
+    fp8 = fp8_setting(getattr(cfg.finetuning, "fp8", False))
+    value = "backward" if fp8 == "backward" else "true"
     if setting == "off":
         if fp8:
-            raise ConfigError(["`fp8: true` runs on the fast path, and this config sets `fast_path: off`; "
+            raise ConfigError([f"`fp8: {value}` runs on the fast path, and this config sets `fast_path: off`; "
                                "drop one of the two"])
         return FastPathPlan(False, "fast_path: off", setting)
     if config is None:
@@ -165,7 +169,7 @@ def plan_fast_path(cfg: Any, config: Any = None) -> FastPathPlan:
         config = AutoConfig.from_pretrained(resolve_model_path(cfg.model), trust_remote_code=cfg.model.trust_remote_code)
     reason = _uncovered_reason(cfg, config)
     if fp8:
-        _check_fp8(reason, getattr(cfg.training, "fp16", False))
+        _check_fp8(reason, getattr(cfg.training, "fp16", False), value)
     if reason is None:
         return FastPathPlan(True, "covered", setting, fp8=fp8)
     if setting == "on":

@@ -49,9 +49,9 @@ def lora_parts(layer: nn.Module) -> tuple[nn.Module, torch.Tensor, torch.Tensor,
     return base, lora_a[name].weight, layer.lora_B[name].weight, layer.scaling[name], layer.lora_dropout[name]
 
 
-def project(layer: nn.Module, x: torch.Tensor, fp8: bool = False) -> torch.Tensor:
+def project(layer: nn.Module, x: torch.Tensor, fp8: bool | str = False) -> torch.Tensor:
     """``layer(x)`` for a LoRA projection, through the fused function when it covers the layer (with ``fp8``, its
-    frozen-weight GEMMs in FP8)."""
+    frozen-weight GEMMs in FP8: True both, ``"backward"`` the input gradient's)."""
     parts = lora_parts(layer)
     if parts is None:
         return layer(x)
@@ -78,7 +78,7 @@ class FastRMSNorm(nn.Module):
 class FastMLP(nn.Module):
     """``down(silu(gate(x)) * up(x))`` with fused LoRA projections and the fused SwiGLU kernel."""
 
-    fp8 = False  # set by apply_fast_path for `fp8: true`
+    fp8: bool | str = False  # set by apply_fast_path from `fp8`
 
     def __init__(self, original: nn.Module):
         super().__init__()
@@ -92,7 +92,7 @@ class FastMLP(nn.Module):
 class FastAttention(nn.Module):
     """Self-attention of the Llama family (optional Qwen3 q/k norms, optional Q/K/V bias) on the fast kernels."""
 
-    fp8 = False  # set by apply_fast_path for `fp8: true`
+    fp8: bool | str = False  # set by apply_fast_path from `fp8`
 
     def __init__(self, original: nn.Module):
         super().__init__()
