@@ -242,10 +242,21 @@ def test_fp8_backward_mode_through_the_fast_path_and_the_config(tmp_path):
     assert plan_fast_path(_cfg(fp8="backward"), QWEN3).fp8 == "backward"
     with pytest.raises(ConfigError, match="`fp8: backward` runs on the fast path"):
         plan_fast_path(_cfg(fp8="backward", fast_path="off"), QWEN3)
-    model = tiny_model("qwen3").to(BF16)
-    fast = apply_fast_path(model, FastPathPlan(True, "test", fp8="backward"))
-    assert "FP8 input-gradient matmuls" in fast.summary()
-    fast.restore()
+    from test_fast_path import fast_loss
+
+    std = tiny_model("qwen3").to(BF16)
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for fp8 in (False, "backward", True):
+        model = copy.deepcopy(std)
+        fast = apply_fast_path(model, FastPathPlan(True, "test", fp8=fp8))
+        loss = fast_loss(model, ids, ids)
+        loss.backward()
+        runs[fp8] = (loss.item(), lora_grads(model), fast.summary())
+        fast.restore()
+    assert "FP8 input-gradient matmuls" in runs["backward"][2]
+    assert runs["backward"][0] == runs[False][0] != runs[True][0]  # the forward of `backward` is the 16-bit one
+    assert any(not torch.equal(runs["backward"][1][k], runs[False][1][k]) for k in runs[False][1])
     path = tmp_path / "c.yaml"
     path.write_text("model_name_or_path: tiny-random-qwen3\nfp8: backward\n", encoding="utf-8")
     assert load_config(str(path), [], purpose="estimate", build_training_args=False).finetuning.fp8 == "backward"

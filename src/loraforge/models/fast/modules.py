@@ -57,7 +57,7 @@ def project(layer: nn.Module, x: torch.Tensor, fp8: bool | str = False) -> torch
         return layer(x)
     base, a, b, scaling, dropout = parts
     active = isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0
-    return lora_linear(x, base, a, b, scaling, dropout if active else None, fp8=fp8 and layer.training)
+    return lora_linear(x, base, a, b, scaling, dropout if active else None, fp8=fp8 if layer.training else False)
 
 
 class FastRMSNorm(nn.Module):
