@@ -355,10 +355,13 @@ def test_one_sequence_rows_take_the_dense_path_and_packed_rows_the_varlen_kernel
     assert len(calls) == 3  # only the equal lengths went dense
 
 
-def test_dense_causal_attention_repeats_kv_heads_and_is_causal():
-    """The dense path itself (on a CPU, SDPA's flash backend, allowed second): grouped K/V heads, causal rows."""
+@pytest.mark.parametrize("grouped", [False, True])
+def test_dense_causal_attention_repeats_kv_heads_and_is_causal(monkeypatch, grouped):
+    """The dense path itself (on a CPU, SDPA's flash backend, allowed second): grouped K/V heads, repeated or
+    passed with ``enable_gqa``, causal rows."""
     from loraforge.kernels import varlen_attention as va
 
+    monkeypatch.setitem(va.DENSE_GQA, "grouped", grouped)
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, h, 10, 8, generator=g) for h in (4, 2, 2))
     out = va.dense_causal_attention(q, k, v, 0.3)
@@ -374,17 +377,19 @@ def test_dense_cudnn_attention_matches_varlen_on_gpu(monkeypatch):
     from loraforge.kernels import varlen_attention as va
 
     results = []
-    for mode in ("cudnn", "varlen"):
+    for mode, grouped in (("cudnn", True), ("cudnn", False), ("varlen", False)):
         monkeypatch.setitem(va.DENSE_MODE, "mode", mode)
+        monkeypatch.setitem(va.DENSE_GQA, "grouped", grouped)
         g = torch.Generator(device="cuda").manual_seed(1)
         q, k, v = (torch.randn(3, h, 333, 128, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
                    for h in (8, 2, 2))
         out, _ = va.attention_forward(None, q, k, v, None, scaling=128 ** -0.5)
         out.float().pow(2).sum().backward()
         results.append([out.float(), q.grad.float(), k.grad.float(), v.grad.float()])
-    for ref, got in zip(results[1], results[0]):
-        assert (got - ref).abs().max() <= 3e-2 * ref.abs().max()
-        assert (got - ref).abs().mean() <= 1e-2 * ref.abs().mean()
+    for got_all in results[:2]:  # grouped and repeated heads, each against the varlen kernel
+        for ref, got in zip(results[2], got_all):
+            assert (got - ref).abs().max() <= 3e-2 * ref.abs().max()
+            assert (got - ref).abs().mean() <= 1e-2 * ref.abs().mean()
 
 
 @pytest.mark.gpu
