@@ -87,6 +87,50 @@ def test_checkpointed_fast_path_equals_standard(dropout):
     _assert_same_loss_and_grads(std, fast_model, ref, got)
 
 
+@pytest.mark.parametrize("arch,dropout", [("qwen3", 0.0), ("llama", 0.1), ("qwen2", 0.0), ("mistral", 0.0)])
+def test_replayed_layer_skips_the_unread_down_projection(arch, dropout, monkeypatch):
+    """Replayed in backward, each layer's down_proj returns zeros instead of its base GEMM (its output is only the
+    root of the layer's backward): once per layer, never in the first forward, and every gradient equals the full
+    replay's and the standard path's."""
+    from loraforge.models.fast import modules
+
+    calls = []
+    real = modules.lora_linear
+    monkeypatch.setattr(modules, "lora_linear", lambda *a, **kw: calls.append(kw["unused_output"]) or real(*a, **kw))
+    std = tiny_model(arch, dropout=dropout)
+    grads = []
+    for read in (False, True):  # skipping (the default), then the full replay
+        model = copy.deepcopy(std)
+        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.get_base_model().enable_input_require_grads()
+        model.train()
+        apply_fast_path(model, FastPathPlan(True, "test"))
+        mlps = [m for m in model.modules() if isinstance(m, modules.FastMLP)]
+        assert len(mlps) == 2 and all(not m.output_read_in_backward for m in mlps)
+        for m in mlps:
+            m.output_read_in_backward = read
+        ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+        calls.clear()
+        torch.manual_seed(3)
+        loss = fast_loss(model, ids, ids)
+        assert calls == [False] * 14  # the first forward: 7 projections x 2 layers, all computed
+        loss.backward()
+        assert calls[14:].count(True) == (0 if read else 2) and len(calls) == 28
+        grads.append((loss.detach(), lora_grads(model)))
+    (loss_skip, skip), (loss_full, full) = grads
+    assert torch.equal(loss_skip, loss_full)
+    for name in full:
+        torch.testing.assert_close(skip[name], full[name], rtol=1e-6, atol=1e-7, msg=name)
+    std.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    std.get_base_model().enable_input_require_grads()
+    std.train()
+    torch.manual_seed(3)
+    ref = standard_loss(std, ids, ids)
+    ref.backward()
+    for name, grad in lora_grads(std).items():
+        assert _close(skip[name], grad), name
+
+
 def test_packed_samples_do_not_attend_to_each_other():
     """Two samples in one row (positions restart) give each sample's own loss: the fast path's varlen attention
     against the standard path run on each sample alone."""

@@ -88,14 +88,17 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, x_drop: torch.Tensor, base_layer: torch.nn.Module,
-                lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, fp8: bool | str = False) -> torch.Tensor:
+                lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, fp8: bool | str = False,
+                unused_output: bool = False) -> torch.Tensor:
         dtype = x.dtype
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         xd2 = x2 if x_drop is x else x_drop.reshape(-1, shape[-1])
         a, b = compute_copy(lora_a, dtype), compute_copy(lora_b, dtype)
         fp8 = fp8 if fp8 and _fp8_ok(base_layer, x2, dtype) else False
-        if fp8 is True:  # "backward": the forward GEMM stays 16-bit, only the input gradient runs in FP8
+        if unused_output:  # a replayed forward whose output nobody reads: no base GEMM, no dequantization
+            out = x2.new_zeros((x2.shape[0], lora_b.shape[0]))
+        elif fp8 is True:  # "backward": the forward GEMM stays 16-bit, only the input gradient runs in FP8
             from .fp8 import fp8_forward
 
             out = fp8_forward(x, x2, base_layer, dtype)
@@ -105,7 +108,8 @@ class LoraLinearFunction(torch.autograd.Function):
         else:
             out = F.linear(x2, dequantize_weight(base_layer, dtype), _bias(base_layer, dtype))
         xa = xd2 @ a.t()  # [N, r], kept for dB
-        out.addmm_(xa, b.t(), alpha=scaling)
+        if not unused_output:
+            out.addmm_(xa, b.t(), alpha=scaling)
         ctx.save_for_backward(xd2, xa, lora_a, lora_b)
         ctx.base_layer, ctx.scaling, ctx.same, ctx.fp8 = base_layer, scaling, x_drop is x, bool(fp8)
         ctx.shape = shape
@@ -138,7 +142,7 @@ class LoraLinearFunction(torch.autograd.Function):
             grad_x = grad_x.reshape(ctx.shape)
         return (grad_x, grad_xd, None,
                 None if grad_a is None else grad_a.to(lora_a.dtype),
-                None if grad_b is None else grad_b.to(lora_b.dtype), None, None)
+                None if grad_b is None else grad_b.to(lora_b.dtype), None, None, None)
 
 
 def _fp8_ok(base_layer: torch.nn.Module, x2: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -151,12 +155,17 @@ def _fp8_ok(base_layer: torch.nn.Module, x2: torch.Tensor, dtype: torch.dtype) -
 
 
 def lora_linear(x: torch.Tensor, base_layer: torch.nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                scaling: float, dropout: torch.nn.Module | None = None, fp8: bool | str = False) -> torch.Tensor:
+                scaling: float, dropout: torch.nn.Module | None = None, fp8: bool | str = False,
+                unused_output: bool = False) -> torch.Tensor:
     """``base_layer(x) + scaling * lora_B(lora_A(dropout(x)))`` in one autograd node; with ``fp8=True`` the two GEMMs
     with the frozen weight run in FP8, with ``fp8="backward"`` only the input-gradient one (see
-    :mod:`loraforge.kernels.fp8`)."""
+    :mod:`loraforge.kernels.fp8`).
+
+    ``unused_output=True`` is for a forward replayed inside backward whose result only roots the backward and is
+    never read: the output is zeros of the right shape (no base GEMM, no dequantization), while everything the
+    backward needs (the input, ``x A^T``) is kept as usual, so every gradient is unchanged."""
     x_drop = x if dropout is None or isinstance(dropout, torch.nn.Identity) else dropout(x)
-    return LoraLinearFunction.apply(x, x_drop, base_layer, lora_a, lora_b, float(scaling), fp8)
+    return LoraLinearFunction.apply(x, x_drop, base_layer, lora_a, lora_b, float(scaling), fp8, unused_output)
 
 
 def lora_linear_reference(x: torch.Tensor, base_layer: torch.nn.Module, lora_a: torch.Tensor,

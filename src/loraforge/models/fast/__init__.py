@@ -24,6 +24,10 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 COVERED = ("qwen2", "qwen3", "llama", "mistral")
+#: decoders whose layer ends ``residual + mlp(norm(h))``: the MLP output is read by nothing in backward, so a
+#: replayed layer skips ``down_proj``'s base GEMM (:class:`~loraforge.models.fast.modules.FastMLP`). A decoder
+#: added to COVERED that is not listed here replays it in full.
+MLP_OUTPUT_UNREAD = ("qwen2", "qwen3", "llama", "mistral")
 
 
 @dataclass
@@ -214,9 +218,12 @@ def apply_fast_path(model: Any, plan: FastPathPlan) -> FastPath:
         swap(layer, "input_layernorm", FastRMSNorm, "RMSNorm")
         swap(layer, "post_attention_layernorm", FastRMSNorm, "RMSNorm")
     swap(decoder, "norm", FastRMSNorm, "RMSNorm")
+    unread = getattr(_base_config(model), "model_type", None) in MLP_OUTPUT_UNREAD
     for module in decoder.modules():
         if isinstance(module, (FastAttention, FastMLP)):
             module.fp8 = plan.fp8
+        if isinstance(module, FastMLP):
+            module.output_read_in_backward = not unread
     dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
     fast.offloaded = use_offloaded_checkpointing(decoder.layers, keep_rng=dropout)
     fast._attention, fast._model = attention_of(model), model

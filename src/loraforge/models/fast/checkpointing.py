@@ -8,15 +8,34 @@ ahead of need, before recomputing the layer. On a CPU it is a plain recompute-in
 It plugs into transformers' own checkpointing: each ``GradientCheckpointingLayer`` calls its
 ``_gradient_checkpointing_func(forward, hidden_states)``; :func:`use_offloaded_checkpointing` sets that
 attribute on the layers that checkpoint. Recompute replays the forward under the same autocast state and,
-when the layer uses dropout, the same RNG state.
+when the layer uses dropout, the same RNG state; :func:`recomputing` tells the layer's modules that they run
+inside that replay.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
+
+_RECOMPUTE = {"depth": 0}
+
+
+@contextmanager
+def _recompute_scope() -> Iterator[None]:
+    _RECOMPUTE["depth"] += 1
+    try:
+        yield
+    finally:
+        _RECOMPUTE["depth"] -= 1
+
+
+def recomputing() -> bool:
+    """True while a checkpointed layer's forward is replayed inside backward: what that forward returns is only the
+    root of the layer's backward, never read (see :class:`~loraforge.models.fast.modules.FastMLP`)."""
+    return _RECOMPUTE["depth"] > 0
 
 
 class _Saved:
@@ -115,7 +134,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
                 torch.set_rng_state(ctx.cpu_rng)
                 if ctx.cuda_rng is not None:
                     torch.cuda.set_rng_state(ctx.cuda_rng, hidden.device)
-            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled), _recompute_scope():
                 out = ctx.function(hidden)
         torch.autograd.backward(out, grad_out)
         return None, None, None, hidden.grad

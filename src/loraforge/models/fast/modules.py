@@ -8,7 +8,8 @@ adapter are exactly those of the standard path. Only the forward differs:
   stream stays 16-bit (the standard QLoRA preparation upcasts it to fp32).
 - :class:`FastAttention`: Q/K/V/O through the fused LoRA function, the RoPE kernel, and the variable-length
   attention (packed samples never attend to each other; no [T, T] mask).
-- :class:`FastMLP`: gate/up/down through the fused LoRA function and the fused SwiGLU kernel.
+- :class:`FastMLP`: gate/up/down through the fused LoRA function and the fused SwiGLU kernel; replayed in
+  backward, ``down_proj`` skips the base GEMM whose output nothing reads.
 
 A projection whose peft layer is in any state the fused function does not cover (adapters disabled or merged,
 several active adapters, DoRA, LoRA bias, or no adapter at all) is simply called as the module it is.
@@ -26,6 +27,7 @@ from ...kernels.rms_norm import rms_norm
 from ...kernels.rope import apply_rope
 from ...kernels.swiglu import swiglu
 from ...kernels.varlen_attention import attention_forward
+from .checkpointing import recomputing
 
 _BASE_KINDS = ("Linear", "Linear4bit", "Linear8bitLt")
 
@@ -49,15 +51,17 @@ def lora_parts(layer: nn.Module) -> tuple[nn.Module, torch.Tensor, torch.Tensor,
     return base, lora_a[name].weight, layer.lora_B[name].weight, layer.scaling[name], layer.lora_dropout[name]
 
 
-def project(layer: nn.Module, x: torch.Tensor, fp8: bool | str = False) -> torch.Tensor:
+def project(layer: nn.Module, x: torch.Tensor, fp8: bool | str = False, unused_output: bool = False) -> torch.Tensor:
     """``layer(x)`` for a LoRA projection, through the fused function when it covers the layer (with ``fp8``, its
-    frozen-weight GEMMs in FP8: True both, ``"backward"`` the input gradient's)."""
+    frozen-weight GEMMs in FP8: True both, ``"backward"`` the input gradient's; ``unused_output``: see
+    :func:`~loraforge.kernels.lora.lora_linear`)."""
     parts = lora_parts(layer)
     if parts is None:
         return layer(x)
     base, a, b, scaling, dropout = parts
     active = isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0
-    return lora_linear(x, base, a, b, scaling, dropout if active else None, fp8=fp8 if layer.training else False)
+    return lora_linear(x, base, a, b, scaling, dropout if active else None, fp8=fp8 if layer.training else False,
+                       unused_output=unused_output)
 
 
 class FastRMSNorm(nn.Module):
@@ -76,9 +80,16 @@ class FastRMSNorm(nn.Module):
 
 
 class FastMLP(nn.Module):
-    """``down(silu(gate(x)) * up(x))`` with fused LoRA projections and the fused SwiGLU kernel."""
+    """``down(silu(gate(x)) * up(x))`` with fused LoRA projections and the fused SwiGLU kernel.
+
+    In the decoders the fast path covers, the MLP's output is added to the residual stream and becomes the layer's
+    output, which nothing in backward reads. So when a checkpointed layer is replayed inside backward
+    (:func:`~loraforge.models.fast.checkpointing.recomputing`), ``down_proj`` skips its base GEMM: at Qwen3-8B's
+    shapes a quarter of the replay's GEMM work. ``output_read_in_backward`` turns that off for a decoder whose
+    layer reads the MLP output again (a post-MLP norm, say)."""
 
     fp8: bool | str = False  # set by apply_fast_path from `fp8`
+    output_read_in_backward = True  # apply_fast_path clears it for the decoders in MLP_OUTPUT_UNREAD
 
     def __init__(self, original: nn.Module):
         super().__init__()
@@ -86,7 +97,9 @@ class FastMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.fp8
-        return project(self.down_proj, swiglu(project(self.gate_proj, x, f), project(self.up_proj, x, f)), f)
+        unused = not self.output_read_in_backward and recomputing()
+        return project(self.down_proj, swiglu(project(self.gate_proj, x, f), project(self.up_proj, x, f)), f,
+                       unused_output=unused)
 
 
 class FastAttention(nn.Module):
