@@ -11,7 +11,8 @@ Workers: loraforge, loraforge_std (fast_path: off), hf, unsloth; `_nogc` turns c
 `_ckauto` sets `checkpoint_layers: auto` and `_ck<N>` `checkpoint_layers: N` (e.g. loraforge_ckauto,
 loraforge_ck18); `_gqarep` repeats K/V heads before the varlen kernel instead of sharing them (the GQA lever's A/B);
 `_fp8` sets `fp8: true` (FP8 base-weight matmuls), `_fp8bwd` `fp8: backward`; `_adamfused` sets `optim: adamw_torch_fused`;
-`_cudnngqa` gives SDPA the grouped K/V heads (`enable_gqa=True`) instead of repeating them.
+`_cudnngqa` gives SDPA the grouped K/V heads (`enable_gqa=True`) instead of repeating them; `_fullreplay` replays
+every GEMM of a checkpointed layer (down_proj's unread one included).
 `--profile DIR` profiles one extra step per worker and writes where its GPU time went (by kernel kind).
 `--seqs 16384,24576,32768 --cap-gib 24` runs each worker at batch 1 at each length under a 24 GiB cap
 (`torch.cuda.set_per_process_memory_fraction`): the longest that trains is the one to compare.
@@ -190,6 +191,10 @@ def worker_loraforge(kind: str, path: str, seq: int, bs: int, steps: int, warmup
         from loraforge.kernels import varlen_attention
 
         varlen_attention.GQA_MODE["mode"] = "repeat"
+    if "_fullreplay" in kind:  # the A/B of skipping down_proj's unread base GEMM when a layer is replayed
+        from loraforge.models import fast
+
+        fast.MLP_OUTPUT_UNREAD = ()
     if "_cudnngqa" in kind:  # the A/B of SDPA with grouped K/V heads (enable_gqa) for one-sequence rows
         from loraforge.kernels import varlen_attention
 
