@@ -249,6 +249,38 @@ def test_lora_linear_function(kind, dropout):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fp8", [False, "backward"])
+def test_kept_weight_serves_the_backward_without_a_second_dequantization(fp8, monkeypatch):
+    """``keep_weight`` (a replayed layer): the backward uses the weight the forward dequantized (or its e4m3
+    transpose) and dequantizes nothing; output and gradients equal the ordinary call's."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from loraforge.kernels import lora
+
+    torch.manual_seed(0)
+    base = bnb.nn.Linear4bit(48, 32, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    base.weight = bnb.nn.Params4bit(torch.randn(32, 48), requires_grad=False, quant_type="nf4")
+    base = base.to("cpu")
+    a, b = torch.randn(4, 48, requires_grad=True), torch.randn(32, 4, requires_grad=True)
+    if fp8:  # the weight's one FP8 scale is measured at its first use, from one more dequantization
+        from loraforge.kernels.fp8 import weight_scale
+
+        weight_scale(base, torch.float32)
+    calls = []
+    real = lora.dequantize_weight
+    monkeypatch.setattr(lora, "dequantize_weight", lambda *args: calls.append(1) or real(*args))
+    results = []
+    for keep in (False, True):
+        x = torch.randn(2, 3, 48, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+        out = lora.lora_linear(x, base, a, b, 0.5, fp8=fp8, keep_weight=keep)
+        calls.clear()
+        out.pow(2).sum().backward()
+        assert len(calls) == (0 if keep else 1)
+        results.append((out.detach(), x.grad, a.grad.clone(), b.grad.clone()))
+        a.grad = b.grad = None
+    for ref, got in zip(*results):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
 def test_adapter_compute_copies_follow_every_weight_update():
     """The 16-bit adapter copies are made once per optimizer step and never outlive a change of the weight:
     a torch optimizer step, an optimizer that writes through ``.data`` (as bitsandbytes' 8-bit kernels do, with
@@ -412,6 +444,38 @@ def test_dense_causal_attention_repeats_kv_heads_and_is_causal(monkeypatch, grou
     for b in range(2):
         want = va.varlen_attention_reference(*(t[b].transpose(0, 1) for t in (q, k, v)), torch.tensor([0, 10]), 0.3)
         assert torch.allclose(out[b].transpose(0, 1), want, atol=1e-5)
+
+
+def test_dense_attention_repeats_kv_heads_after_sdpa_refuses_grouped_ones(monkeypatch):
+    """A PyTorch whose SDPA backends take no grouped K/V heads: the first refusal switches to repeating them, with
+    the same result; an out-of-memory error is not taken for a refusal."""
+    from loraforge.kernels import varlen_attention as va
+
+    real = va.F.scaled_dot_product_attention
+    seen = []
+
+    def refusing(q, k, v, **kw):
+        seen.append(kw.get("enable_gqa", False))
+        if kw.get("enable_gqa"):
+            raise RuntimeError("No available kernel. Aborting execution.")
+        return real(q, k, v, **kw)
+
+    monkeypatch.setitem(va.DENSE_GQA, "grouped", True)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, h, 10, 8, generator=g) for h in (4, 2, 2))
+    want = va.dense_causal_attention(q, k, v, 0.3)
+    monkeypatch.setattr(va.F, "scaled_dot_product_attention", refusing)
+    torch.testing.assert_close(va.dense_causal_attention(q, k, v, 0.3), want)
+    assert seen == [True, False] and va.DENSE_GQA["grouped"] is False
+
+    def out_of_memory(q, k, v, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setitem(va.DENSE_GQA, "grouped", True)
+    monkeypatch.setattr(va.F, "scaled_dot_product_attention", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        va.dense_causal_attention(q, k, v, 0.3)
+    assert va.DENSE_GQA["grouped"] is True
 
 
 @pytest.mark.gpu

@@ -11,7 +11,7 @@ Workers: loraforge, loraforge_std (fast_path: off), hf, unsloth; `_nogc` turns c
 `_ckauto` sets `checkpoint_layers: auto` and `_ck<N>` `checkpoint_layers: N` (e.g. loraforge_ckauto,
 loraforge_ck18); `_gqarep` repeats K/V heads before the varlen kernel instead of sharing them (the GQA lever's A/B);
 `_fp8` sets `fp8: true` (FP8 base-weight matmuls), `_fp8bwd` `fp8: backward`; `_adamfused` sets `optim: adamw_torch_fused`;
-`_cudnngqa` gives SDPA the grouped K/V heads (`enable_gqa=True`) instead of repeating them; `_fullreplay` replays
+`_denserep` repeats K/V heads for SDPA instead of passing them grouped (`enable_gqa=True`, the default); `_fullreplay` replays
 every GEMM of a checkpointed layer (down_proj's unread one included).
 `--profile DIR` profiles one extra step per worker and writes where its GPU time went (by kernel kind).
 `--seqs 16384,24576,32768 --cap-gib 24` runs each worker at batch 1 at each length under a 24 GiB cap
@@ -195,10 +195,10 @@ def worker_loraforge(kind: str, path: str, seq: int, bs: int, steps: int, warmup
         from loraforge.models import fast
 
         fast.MLP_OUTPUT_UNREAD = ()
-    if "_cudnngqa" in kind:  # the A/B of SDPA with grouped K/V heads (enable_gqa) for one-sequence rows
+    if "_denserep" in kind:  # the A/B of SDPA with grouped K/V heads (enable_gqa, the default): repeat them
         from loraforge.kernels import varlen_attention
 
-        varlen_attention.DENSE_GQA["grouped"] = True
+        varlen_attention.DENSE_GQA["grouped"] = False
     layers = re.search(r"_ck(auto|\d+)", kind)
     if layers:
         cfg["checkpoint_layers"] = layers.group(1) if layers.group(1) == "auto" else int(layers.group(1))

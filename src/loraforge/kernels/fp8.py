@@ -204,9 +204,12 @@ def fp8_forward(x: torch.Tensor, x2: torch.Tensor, base_layer: torch.nn.Module, 
     return scaled_mm(xq, xs, w8.t(), _scale_vector(base_layer, scale, w8.shape[0]), dtype, fast=True)
 
 
-def fp8_input_grad(dy: torch.Tensor, base_layer: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """``dy @ W`` through FP8 (the input gradient of ``x W^T``)."""
+def fp8_input_grad(dy: torch.Tensor, base_layer: torch.nn.Module, dtype: torch.dtype,
+                   w8t: torch.Tensor | None = None) -> torch.Tensor:
+    """``dy @ W`` through FP8 (the input gradient of ``x W^T``); ``w8t``: the weight's e4m3 transpose when the
+    caller already holds it (see ``keep_weight`` in :func:`loraforge.kernels.lora.lora_linear`)."""
     scale = weight_scale(base_layer, dtype)
     dq, ds = quantize_rows(dy)
-    w8t = fp8_weight(base_layer, dtype, scale, transpose=True)  # [in, out]; .t() is the column-major operand
+    if w8t is None:  # [in, out]; .t() is the column-major operand
+        w8t = fp8_weight(base_layer, dtype, scale, transpose=True)
     return scaled_mm(dq, ds, w8t.t(), _scale_vector(base_layer, scale, w8t.shape[0]), dtype, fast=False)

@@ -61,7 +61,7 @@ def project(layer: nn.Module, x: torch.Tensor, fp8: bool | str = False, unused_o
     base, a, b, scaling, dropout = parts
     active = isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0
     return lora_linear(x, base, a, b, scaling, dropout if active else None, fp8=fp8 if layer.training else False,
-                       unused_output=unused_output)
+                       unused_output=unused_output, keep_weight=recomputing())
 
 
 class FastRMSNorm(nn.Module):
