@@ -8,7 +8,8 @@ largest relative difference from the reference variant's loss at each step over 
         --steps 50 --out benchmarks/results/numerics_gpu.json
 
 Variants (`--variants`, comma list; the first is the reference):
-  std      fast_path: off, bf16            fast     the fast path, bf16 (the default)
+  std      fast_path: off, bf16            fast     the fast path, bf16, all matmuls 16-bit (fp8: false)
+  auto     the fast path as a config that sets nothing runs it (fp8: auto: `backward` on Hopper GPUs)
   fp8      the fast path with fp8: true     fp16     the fast path in fp16 with loss scaling (Turing cards)
   fp8bwd   the fast path with fp8: backward (FP8 only for the input-gradient matmul)
   fast_lora16 / std_lora16                  the same on a 16-bit base (no quantization)
@@ -32,12 +33,13 @@ RECIPE = {"template": "alpaca", "cutoff_len": 1024, "finetuning_type": "lora", "
           "logging_steps": 1, "plot_loss": False, "optim": "adamw_torch"}
 VARIANTS = {
     "std": {"fast_path": "off", "bf16": True},
-    "fast": {"fast_path": "on", "bf16": True},
+    "fast": {"fast_path": "on", "bf16": True, "fp8": False},
+    "auto": {"fast_path": "on", "bf16": True},
     "fp8": {"fast_path": "on", "bf16": True, "fp8": True},
     "fp8bwd": {"fast_path": "on", "bf16": True, "fp8": "backward"},
     "fp16": {"fast_path": "on", "fp16": True},
     "std_lora16": {"fast_path": "off", "bf16": True, "quantization_bit": None},
-    "fast_lora16": {"fast_path": "on", "bf16": True, "quantization_bit": None},
+    "fast_lora16": {"fast_path": "on", "bf16": True, "quantization_bit": None, "fp8": False},
     "fp8_lora16": {"fast_path": "on", "bf16": True, "quantization_bit": None, "fp8": True},
 }
 

@@ -159,6 +159,44 @@ def test_fp8_key_runs_on_the_fast_path_or_is_refused(monkeypatch):
     assert plan_fast_path(_cfg(), QWEN3).fp8
 
 
+def test_fp8_auto_is_backward_on_hopper_in_bf16_and_off_elsewhere(monkeypatch, tmp_path):
+    """The default `fp8: auto`: `backward` where it runs (fast path, bf16, compute capability 9.0+, named in the
+    summary), otherwise off without an error (CPU, Ada, fp16, fp32, the standard path); explicit `false` stays off."""
+    from loraforge.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model_name_or_path: tiny-random-qwen3\n", encoding="utf-8")
+    assert load_config(str(path), [], purpose="estimate", build_training_args=False).finetuning.fp8 == "auto"
+
+    def plan(capability=None, **over):
+        cfg = _cfg(fp8="auto", **over)
+        cfg.training = SimpleNamespace(bf16=over.get("bf16", True), fp16=over.get("fp16", False), deepspeed=None,
+                                       fsdp=None)
+        if capability is None:
+            monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        else:
+            monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+            monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+            monkeypatch.setattr("loraforge.kernels.CAPABILITY", {})
+            monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability)
+        return plan_fast_path(cfg, QWEN3)
+
+    hopper = plan((9, 0))
+    assert hopper.fp8 == "backward" and hopper.fp8_auto
+    from loraforge.models.fast import FastPath
+
+    assert "FP8 input-gradient matmuls of the base weights (fp8: auto" in FastPath(hopper, swapped={"MLP": 1}).summary()
+    assert plan().fp8 is False  # CPU
+    assert plan((8, 9)).fp8 is False  # Ada: no error, unlike an explicit `fp8: backward`
+    assert plan((9, 0), bf16=False, fp16=True).fp8 is False
+    assert plan((9, 0), bf16=False).fp8 is False  # fp32
+    assert not plan((9, 0), use_dora=True).enabled and plan((9, 0), use_dora=True).fp8 is False
+    assert plan((9, 0), fast_path="off").fp8 is False
+    explicit = _cfg(fp8=False)
+    explicit.training = SimpleNamespace(bf16=True, fp16=False, deepspeed=None, fsdp=None)
+    assert plan_fast_path(explicit, QWEN3).fp8 is False
+
+
 def test_fp8_is_a_config_key(tmp_path):
     from loraforge.config import load_config
 
@@ -237,7 +275,7 @@ def test_fp8_backward_mode_through_the_fast_path_and_the_config(tmp_path):
 
     assert [fp8_setting(v) for v in (None, False, True, "backward", "Backward", "off", "true")] == \
         [False, False, True, "backward", "backward", False, True]
-    with pytest.raises(ValueError, match="true, false or backward"):
+    with pytest.raises(ValueError, match="auto, true, false or backward"):
         fp8_setting("forward")
     assert plan_fast_path(_cfg(fp8="backward"), QWEN3).fp8 == "backward"
     with pytest.raises(ConfigError, match="`fp8: backward` runs on the fast path"):
@@ -261,5 +299,5 @@ def test_fp8_backward_mode_through_the_fast_path_and_the_config(tmp_path):
     path.write_text("model_name_or_path: tiny-random-qwen3\nfp8: backward\n", encoding="utf-8")
     assert load_config(str(path), [], purpose="estimate", build_training_args=False).finetuning.fp8 == "backward"
     path.write_text("model_name_or_path: tiny-random-qwen3\nfp8: sideways\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match="`fp8` must be true, false or backward"):
+    with pytest.raises(ConfigError, match="`fp8` must be auto, true, false or backward"):
         load_config(str(path), [], purpose="estimate", build_training_args=False)

@@ -10,7 +10,8 @@ real here), seconds/step, peak allocated memory, first/last loss; with the comma
 Workers: loraforge, loraforge_std (fast_path: off), hf, unsloth; `_nogc` turns checkpointing off; loraforge's
 `_ckauto` sets `checkpoint_layers: auto` and `_ck<N>` `checkpoint_layers: N` (e.g. loraforge_ckauto,
 loraforge_ck18); `_gqarep` repeats K/V heads before the varlen kernel instead of sharing them (the GQA lever's A/B);
-`_fp8` sets `fp8: true` (FP8 base-weight matmuls), `_fp8bwd` `fp8: backward`; `_adamfused` sets `optim: adamw_torch_fused`;
+`_fp8` sets `fp8: true` (FP8 base-weight matmuls), `_fp8bwd` `fp8: backward`, `_nofp8` `fp8: false` (the default is
+`auto`: `backward` on Hopper); `_adamfused` sets `optim: adamw_torch_fused`;
 `_denserep` repeats K/V heads for SDPA instead of passing them grouped (`enable_gqa=True`, the default); `_fullreplay` replays
 every GEMM of a checkpointed layer (down_proj's unread one included).
 `--profile DIR` profiles one extra step per worker and writes where its GPU time went (by kernel kind).
@@ -183,7 +184,9 @@ def worker_loraforge(kind: str, path: str, seq: int, bs: int, steps: int, warmup
         cfg["disable_gradient_checkpointing"] = True
     if kind.startswith("loraforge_std"):
         cfg["fast_path"] = "off"
-    if "_fp8" in kind:
+    if "_nofp8" in kind:  # the A/B of `fp8: auto` (backward on Hopper): every matmul 16-bit
+        cfg["fp8"] = False
+    elif "_fp8" in kind:
         cfg["fp8"] = "backward" if "_fp8bwd" in kind else True
     if "_adamfused" in kind:  # transformers' own default optimizer on torch 2.8+ (one fused kernel per group)
         cfg["optim"] = "adamw_torch_fused"

@@ -42,10 +42,11 @@ class FinetuningArguments:
                          "methods (LoRA/QLoRA): `auto` uses them when covered, `on` fails when not, `off` never.",
                          ("auto", "on", "off"))
     fp8: Union[bool, str] = arg(
-        False, "FP8 (e4m3) matmuls for the frozen base weights on the fast path (Hopper GPUs or newer), with per-token "
-        "scales: `true` runs the forward GEMM and the input-gradient GEMM of each LoRA projection in FP8 (fastest; "
-        "the loss runs ~1% higher on real weights), `backward` only the input-gradient GEMM (the forward stays "
-        "16-bit; the loss within 0.1% of 16-bit), `false` none. Adapters, norms, attention, the loss and "
+        "auto", "FP8 (e4m3) matmuls for the frozen base weights on the fast path (Hopper GPUs or newer), with "
+        "per-token scales: `backward` runs only the input-gradient GEMM of each LoRA projection in FP8 (the forward "
+        "and the loss stay 16-bit; the loss within 0.1% of 16-bit), `true` the forward GEMM too (fastest; the loss "
+        "runs ~1% higher on real weights), `false` none. `auto` is `backward` where it can run (the fast path, bf16, "
+        "a GPU of compute capability 9.0+) and `false` elsewhere. Adapters, norms, attention, the loss and "
         "evaluation stay 16-bit.")
     # how the samples of one optimizer step are run
     micro_batch_tokens: Union[int, bool, str] = arg(
@@ -59,8 +60,8 @@ class FinetuningArguments:
 
 
 def fp8_setting(value: Union[bool, str, None]) -> Union[bool, str]:
-    """``fp8`` as False, True (forward and input-gradient GEMMs) or ``"backward"`` (the input-gradient GEMM only).
-    Raises ValueError with the accepted forms."""
+    """``fp8`` as False, True (forward and input-gradient GEMMs), ``"backward"`` (the input-gradient GEMM only) or
+    ``"auto"`` (``backward`` where it can run). Raises ValueError with the accepted forms."""
     if value is None or isinstance(value, bool):
         return bool(value)
     text = str(value).strip().lower()
@@ -68,9 +69,10 @@ def fp8_setting(value: Union[bool, str, None]) -> Union[bool, str]:
         return True
     if text in ("false", "off", "no", "none"):
         return False
-    if text == "backward":
-        return "backward"
-    raise ValueError(f"`fp8` must be true, false or backward (FP8 only for the input-gradient matmul), got {value!r}")
+    if text in ("backward", "auto"):
+        return text
+    raise ValueError(f"`fp8` must be auto, true, false or backward (FP8 only for the input-gradient matmul), "
+                     f"got {value!r}")
 
 
 def micro_batch_tokens_setting(value: Union[int, bool, str, None]) -> Union[int, str, None]:

@@ -39,6 +39,7 @@ class FastPathPlan:
     setting: str = "auto"
     fused_loss: bool = False  # the chunked linear cross-entropy runs even where the modules are not swapped
     fp8: bool | str = False  # frozen-weight GEMMs in FP8: True (forward and input gradient), "backward", False
+    fp8_auto: bool = False  # `fp8` came from `fp8: auto`
 
     def __post_init__(self) -> None:
         self.fused_loss = self.fused_loss or self.enabled
@@ -69,6 +70,8 @@ class FastPath:
         ckpt = f"; {self.offloaded} checkpointed layers keep their inputs in host memory" if self.offloaded else ""
         fp8 = {True: "; FP8 base-weight matmuls", "backward": "; FP8 input-gradient matmuls of the base weights"
                }.get(self.plan.fp8, "")
+        if fp8 and self.plan.fp8_auto:
+            fp8 += " (fp8: auto; `fp8: false` keeps them 16-bit)"
         return f"fast path: on ({parts}; variable-length attention; fused linear cross-entropy{fp8}{ckpt})"
 
     def restore(self) -> None:
@@ -151,6 +154,18 @@ def _check_fp8(reason: str | None, fp16: bool, value: str = "true") -> None:
                                f"capability 9.0); {name} has {major}.{minor}: drop `fp8`"])
 
 
+def _fp8_backward_fits() -> bool:
+    """`fp8: auto` (in bf16) takes `backward` on a GPU with FP8 per-row-scaled matmuls (Hopper+); never on a CPU
+    (where ``torch._scaled_mm`` runs, but slower than 16-bit matmuls)."""
+    import torch
+
+    from ...kernels.fp8 import fp8_supported
+
+    if not torch.cuda.is_available():
+        return False
+    return fp8_supported(torch.device("cuda", torch.cuda.current_device()))
+
+
 def plan_fast_path(cfg: Any, config: Any = None) -> FastPathPlan:
     """Decide, before any weight loads, whether this run takes the fast path (``fast_path: auto|on|off``)."""
     from ...errors import ConfigError
@@ -159,6 +174,9 @@ def plan_fast_path(cfg: Any, config: Any = None) -> FastPathPlan:
     from ...config.finetuning import fp8_setting
 
     fp8 = fp8_setting(getattr(cfg.finetuning, "fp8", False))
+    auto = fp8 == "auto"
+    if auto:
+        fp8 = False
     value = "backward" if fp8 == "backward" else "true"
     if setting == "off":
         if fp8:
@@ -175,6 +193,9 @@ def plan_fast_path(cfg: Any, config: Any = None) -> FastPathPlan:
     if fp8:
         _check_fp8(reason, getattr(cfg.training, "fp16", False), value)
     if reason is None:
+        bf16 = bool(getattr(cfg.training, "bf16", False) or getattr(cfg.finetuning, "pure_bf16", False))
+        if auto and bf16 and _fp8_backward_fits():
+            return FastPathPlan(True, "covered", setting, fp8="backward", fp8_auto=True)
         return FastPathPlan(True, "covered", setting, fp8=fp8)
     if setting == "on":
         raise ConfigError([f"`fast_path: on` cannot run this configuration: {reason}; use `fast_path: auto` "
