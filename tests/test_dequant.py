@@ -71,3 +71,18 @@ def test_direct_dequantization_is_bit_equal_to_bitsandbytes(quant_type, nested, 
     other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
     assert not dequant.direct_ok(w, other)  # another output dtype: bitsandbytes' path, then a cast
     torch.testing.assert_close(dequantize_weight(layer, other), want.to(other), rtol=0, atol=0)
+
+
+def test_stream_handle_asks_torch_for_the_current_raw_stream(monkeypatch):
+    """The kernels launch on the caller's current stream: through torch's C accessor by device index where the
+    build has it, else through ``torch.cuda.current_stream``."""
+    from types import SimpleNamespace
+
+    from loraforge.kernels import dequant
+
+    asked = []
+    monkeypatch.setattr(dequant, "_RAW_STREAM", lambda index: asked.append(index) or 1234)
+    assert dequant._stream_handle(torch.device("cuda", 1)) == 1234 and asked == [1]
+    monkeypatch.setattr(dequant, "_RAW_STREAM", None)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=5678))
+    assert dequant._stream_handle(torch.device("cuda", 0)) == 5678

@@ -62,12 +62,23 @@ def direct_ok(weight: Any, dtype: torch.dtype) -> bool:
     return _entry_points() is not None
 
 
+#: the current CUDA stream's handle by device index, without building a Python stream object (a C function of
+#: torch's CUDA builds; absent on CPU builds, where the direct path never runs)
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def _stream_handle(device: torch.device) -> int:
+    if _RAW_STREAM is not None:
+        return _RAW_STREAM(device.index)
+    return torch.cuda.current_stream(device).cuda_stream
+
+
 def dequantize_4bit(weight: Any, dtype: torch.dtype) -> torch.Tensor:
     """A bitsandbytes ``Params4bit`` weight in ``dtype`` (call :func:`direct_ok` first)."""
     fns = _entry_points()
     qs = weight.quant_state
     data = weight.data
-    stream = torch.cuda.current_stream(data.device).cuda_stream
+    stream = _stream_handle(data.device)
     absmax = qs.absmax
     if qs.nested:
         s2 = qs.state2

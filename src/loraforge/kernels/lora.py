@@ -129,7 +129,9 @@ class LoraLinearFunction(torch.autograd.Function):
         xd2, xa, lora_a, lora_b = ctx.saved_tensors
         dtype = xd2.dtype
         s = ctx.scaling
-        dy = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+        dy = grad_out.reshape(-1, grad_out.shape[-1])
+        if dy.dtype != dtype:
+            dy = dy.to(dtype)
         a, b = compute_copy(lora_a, dtype), compute_copy(lora_b, dtype)
         # addmm with beta 0 ignores its input (NaN included): the scaling runs inside the GEMM, no extra kernel
         zero = dy.new_empty(())
