@@ -131,6 +131,21 @@ def test_replayed_layer_skips_the_unread_down_projection(arch, dropout, monkeypa
         assert _close(skip[name], grad), name
 
 
+def test_recomputing_is_true_only_inside_the_replay_and_on_its_thread():
+    import threading
+
+    from loraforge.models.fast import checkpointing
+
+    assert not checkpointing.recomputing()
+    seen = []
+    with checkpointing._recompute_scope():
+        seen.append(checkpointing.recomputing())
+        other = threading.Thread(target=lambda: seen.append(checkpointing.recomputing()))
+        other.start()
+        other.join()
+    assert seen == [True, False] and not checkpointing.recomputing()
+
+
 def test_packed_samples_do_not_attend_to_each_other():
     """Two samples in one row (positions restart) give each sample's own loss: the fast path's varlen attention
     against the standard path run on each sample alone."""

@@ -14,28 +14,31 @@ inside that replay.
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from functools import partial
 from typing import Any, Callable, Iterator
 
 import torch
 
-_RECOMPUTE = {"depth": 0}
+#: per thread: the autograd engine runs a CUDA backward (and so the replay inside it) on its own device thread
+_RECOMPUTE = threading.local()
 
 
 @contextmanager
 def _recompute_scope() -> Iterator[None]:
-    _RECOMPUTE["depth"] += 1
+    _RECOMPUTE.depth = getattr(_RECOMPUTE, "depth", 0) + 1
     try:
         yield
     finally:
-        _RECOMPUTE["depth"] -= 1
+        _RECOMPUTE.depth -= 1
 
 
 def recomputing() -> bool:
-    """True while a checkpointed layer's forward is replayed inside backward: what that forward returns is only the
-    root of the layer's backward, never read (see :class:`~loraforge.models.fast.modules.FastMLP`)."""
-    return _RECOMPUTE["depth"] > 0
+    """True while a checkpointed layer's forward is replayed inside backward, on the thread that replays it: what
+    that forward returns is only the root of the layer's backward, never read (see
+    :class:`~loraforge.models.fast.modules.FastMLP`)."""
+    return getattr(_RECOMPUTE, "depth", 0) > 0
 
 
 class _Saved:
