@@ -99,7 +99,7 @@ class LoraLinearFunction(torch.autograd.Function):
         fp8 = fp8 if fp8 and _fp8_ok(base_layer, x2, dtype) else False
         if unused_output:  # a replayed forward whose output nobody reads: no base GEMM, no dequantization
             out = x2.new_zeros((x2.shape[0], lora_b.shape[0]))
-        elif fp8 is True:  # "backward": the forward GEMM stays 16-bit, only the input gradient runs in FP8
+        elif fp8 is True:  # (with fp8 "backward" the forward GEMM stays 16-bit; only the input gradient is FP8)
             from .fp8 import fp8_forward
 
             out = fp8_forward(x, x2, base_layer, dtype)
@@ -139,8 +139,8 @@ class LoraLinearFunction(torch.autograd.Function):
         grad_b = torch.addmm(zero, dy.t(), xa, beta=0, alpha=s) if lora_b.requires_grad else None
         grad_a = dxa.t() @ xd2 if lora_a.requires_grad else None
         grad_x = grad_xd = None
+        kept, ctx.kept = getattr(ctx, "kept", None), None  # released here, used or not
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            kept, ctx.kept = getattr(ctx, "kept", None), None
             if ctx.fp8:
                 from .fp8 import fp8_input_grad
 
