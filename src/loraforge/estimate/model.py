@@ -16,7 +16,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from .activations import (
-    block_bytes_per_token, checkpoint_bytes_per_token, fast_block_bytes_per_token, norms_fp32, regime, uses_deepspeed,
+    block_bytes_per_token, checkpoint_bytes_per_token, fast_block_bytes_per_token, norms_fp32, regime,
+    replay_kept_weight_bytes, uses_deepspeed,
 )
 from .scenario import Scenario, optimizer_spec
 
@@ -150,7 +151,8 @@ def _activations(s: Scenario) -> tuple[float, float]:
     if s.fast_path:  # checkpoints go to pinned host memory: only the block being recomputed is on the GPU
         block = fast_block_bytes_per_token(s)
         if s.gradient_checkpointing:  # the last kept_layers keep their activations (checkpoint_layers)
-            recompute = FAST_RECOMPUTE_BLOCKS * block * t if s.kept_layers < a.num_layers else 0.0
+            recompute = (FAST_RECOMPUTE_BLOCKS * block * t + replay_kept_weight_bytes(s)
+                         if s.kept_layers < a.num_layers else 0.0)
             return (2.0 * a.hidden_size + s.kept_layers * block) * t, recompute
         return block * a.num_layers * t, 0.0
     block = block_bytes_per_token(s, trainable_layer=trainable)
@@ -248,7 +250,7 @@ def auto_kept_layers(s: Scenario, free_bytes: float) -> tuple[int, float, float]
     """``checkpoint_layers: auto``: how many last layers of ``s`` keep their activations when ``free_bytes`` of GPU
     memory are free after the weights are loaded; with the memory each such layer costs and the memory to spare.
 
-        per_layer = (peak without checkpointing - peak with it) / layers
+        per_layer = (peak keeping layers - 1 of them - peak keeping none) / (layers - 1)
         usable    = AUTO_MEMORY_SHARE x free - (peak with checkpointing - weights - adapter)
         kept      = min(layers, floor(usable / per_layer))
 
@@ -258,8 +260,12 @@ def auto_kept_layers(s: Scenario, free_bytes: float) -> tuple[int, float, float]
 
     layers = s.arch.num_layers
     with_ckpt = estimate_memory(replace(s, gradient_checkpointing=True, kept_layers=0))
-    without = estimate_memory(replace(s, gradient_checkpointing=False, kept_layers=0))
-    per_layer = max(without.allocated - with_ckpt.allocated, 0.0) / max(layers, 1)
+    if layers > 1:  # between two counts that both still replay a layer, so the same peak phase (block backward)
+        most = estimate_memory(replace(s, gradient_checkpointing=True, kept_layers=layers - 1))
+        per_layer = max(most.allocated - with_ckpt.allocated, 0.0) / (layers - 1)
+    else:
+        without = estimate_memory(replace(s, gradient_checkpointing=False, kept_layers=0))
+        per_layer = max(without.allocated - with_ckpt.allocated, 0.0)
     usable = AUTO_MEMORY_SHARE * free_bytes - (with_ckpt.allocated - with_ckpt.weights - with_ckpt.adapter)
     kept = 0 if per_layer <= 0 or usable <= 0 else min(layers, int(usable // per_layer))
     return kept, per_layer, usable
