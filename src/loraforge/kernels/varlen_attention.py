@@ -168,7 +168,8 @@ def dense_attention_preferred(q: torch.Tensor) -> bool:
 #: ``cudnn``: one-sequence rows take :func:`dense_causal_attention` on Hopper+; ``varlen``: never (the A/B)
 DENSE_MODE = {"mode": "cudnn"}
 #: ``grouped``: K/V heads go to SDPA as they are, with ``enable_gqa=True``, instead of repeated: measured on an
-#: H200 at Qwen3-8B, 2048 x 4 (``benchmarks/results/fastpath/peers_8b_s5call1.json``, worker ``_cudnngqa``):
+#: H200 at Qwen3-8B, 2048 x 4 (``benchmarks/results/fastpath/peers_8b_s5call1.json``, worker ``_cudnngqa``, the
+#: A/B from before this was the default; ``bench_peers`` worker ``_denserep`` is the A/B now):
 #: 25 ms less GPU time per step (the K/V copies, forward, replay and backward) and 0.09 GiB less memory.
 #: Cleared (repeat) after the first refusal by a PyTorch/cuDNN that takes no grouped heads.
 DENSE_GQA = {"grouped": True}

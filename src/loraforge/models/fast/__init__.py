@@ -145,34 +145,36 @@ def _check_fp8(reason: str | None, fp16: bool, value: str = "true") -> None:
     if fp16:
         raise ConfigError([f"`fp8: {value}` writes its matmul results in bf16 and cannot run with `fp16: true`; use "
                            "`bf16: true` (every GPU with FP8 has bf16)"])
-    if torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
-        if not fp8_supported(device):
-            name = torch.cuda.get_device_name(device)
-            major, minor = cuda_capability(device)
-            raise ConfigError([f"`fp8: {value}` needs FP8 matmuls with per-row scales (a Hopper GPU or newer, compute "
-                               f"capability 9.0); {name} has {major}.{minor}: drop `fp8`"])
+    device = _current_gpu()
+    if device is not None and not fp8_supported(device):
+        name = torch.cuda.get_device_name(device)
+        major, minor = cuda_capability(device)
+        raise ConfigError([f"`fp8: {value}` needs FP8 matmuls with per-row scales (a Hopper GPU or newer, compute "
+                           f"capability 9.0); {name} has {major}.{minor}: drop `fp8`"])
+
+
+def _current_gpu() -> Any:
+    """The current CUDA device, or None without one."""
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
 
 
 def _fp8_backward_fits() -> bool:
     """`fp8: auto` (in bf16) takes `backward` on a GPU with FP8 per-row-scaled matmuls (Hopper+); never on a CPU
     (where ``torch._scaled_mm`` runs, but slower than 16-bit matmuls)."""
-    import torch
-
     from ...kernels.fp8 import fp8_supported
 
-    if not torch.cuda.is_available():
-        return False
-    return fp8_supported(torch.device("cuda", torch.cuda.current_device()))
+    device = _current_gpu()
+    return device is not None and fp8_supported(device)
 
 
 def plan_fast_path(cfg: Any, config: Any = None) -> FastPathPlan:
     """Decide, before any weight loads, whether this run takes the fast path (``fast_path: auto|on|off``)."""
+    from ...config.finetuning import fp8_setting
     from ...errors import ConfigError
 
     setting = cfg.finetuning.fast_path
-    from ...config.finetuning import fp8_setting
-
     fp8 = fp8_setting(getattr(cfg.finetuning, "fp8", False))
     auto = fp8 == "auto"
     if auto:
