@@ -45,6 +45,10 @@ def test_gaps_are_attributed_to_the_host_op_that_ended_them():
     # the second kernel was launched (t=120) after the GPU went idle (t=100): the host was late; so was the third
     assert g["host_late_ms"] == 2.2
     assert [(x["op"], x["count"]) for x in g["before_op"]] == [("aten::_foreach_sqrt", 1), ("aten::mm", 1)]
+    # the largest gaps first, each placed in the step and named by the kernels around it and the launching op
+    assert [(x["ms"], x["at_ms"], x["next_op"]) for x in g["largest"]] == [(2.14, 0.3, "aten::_foreach_sqrt"),
+                                                                            (0.06, 0.1, "aten::mm")]
+    assert g["largest"][0]["next"] == "adam"
 
 
 def test_no_device_events_give_an_empty_timeline():

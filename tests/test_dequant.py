@@ -86,3 +86,18 @@ def test_stream_handle_asks_torch_for_the_current_raw_stream(monkeypatch):
     monkeypatch.setattr(dequant, "_RAW_STREAM", None)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=5678))
     assert dequant._stream_handle(torch.device("cuda", 0)) == 5678
+
+
+@gpu
+@needs_cuda
+def test_a_group_dequantizes_into_the_row_blocks_of_one_buffer():
+    """q/k/v-style groups: each 4-bit weight dequantized straight into its row block equals bitsandbytes' own
+    dequantization of it; a wrong ``out`` is refused."""
+    from loraforge.kernels.lora import joined_weight
+
+    layers = [_layer("nf4", True, torch.bfloat16, "cuda") for _ in range(3)]
+    joined = joined_weight(tuple(layers), torch.bfloat16)
+    ref = torch.cat([bnb.functional.dequantize_4bit(lay.weight.data, lay.weight.quant_state) for lay in layers])
+    assert torch.equal(joined, ref)
+    with pytest.raises(ValueError, match="out must be"):
+        dequant.dequantize_4bit(layers[0].weight, torch.bfloat16, out=joined[:, :10])

@@ -113,9 +113,11 @@ def test_replayed_layer_skips_the_unread_down_projection(arch, dropout, monkeypa
         calls.clear()
         torch.manual_seed(3)
         loss = fast_loss(model, ids, ids)
-        assert calls == [False] * 14  # the first forward: 7 projections x 2 layers, all computed
+        # without dropout q/k/v and gate/up run as groups: o_proj and down_proj alone call lora_linear
+        per_layer = 7 if dropout else 2
+        assert calls == [False] * (2 * per_layer)  # the first forward: 2 layers, all computed
         loss.backward()
-        assert calls[14:].count(True) == (0 if read else 2) and len(calls) == 28
+        assert calls[2 * per_layer:].count(True) == (0 if read else 2) and len(calls) == 4 * per_layer
         grads.append((loss.detach(), lora_grads(model)))
     (loss_skip, skip), (loss_full, full) = grads
     assert torch.equal(loss_skip, loss_full)

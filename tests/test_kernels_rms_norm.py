@@ -96,3 +96,13 @@ def test_dispatch_runs_the_kernel_on_gpu():
     w = torch.ones(64, device="cuda", dtype=torch.bfloat16)
     assert use_triton(x)
     assert "RMSNormFunction" in type(rms_norm(x, w, 1e-6).grad_fn).__name__
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_head_slices_on_gpu(dtype):
+    from loraforge.kernels.rms_norm import rms_norm_reference, rms_norm_triton
+
+    cases.check_rms_norm_head_slices(rms_norm_triton, rms_norm_reference, device="cuda", dtype=dtype,
+                                     tokens=2048, heads=32, head_dim=128, kv_heads=8)

@@ -59,3 +59,20 @@ def test_triton_matches_reference_on_gpu(rows, cols, fused, dtype):
 def test_dispatch_runs_the_kernel_on_gpu():
     gate = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     assert "SwiGLUFunction" in type(swiglu(gate, torch.randn_like(gate)).grad_fn).__name__
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_packed_kernel_matches_reference_on_gpu(dtype):
+    from loraforge.kernels.swiglu import _SwiGLUPackedFunction
+
+    cases.check_swiglu(_SwiGLUPackedFunction.apply, swiglu_reference, rows=8192, cols=12288, device="cuda",
+                       dtype=dtype, packed=True)
+
+
+def test_packed_dispatch_on_cpu_takes_the_reference():
+    from loraforge.kernels.swiglu import swiglu_packed
+
+    gate_up = torch.randn(3, 4, 20)
+    assert torch.equal(swiglu_packed(gate_up), swiglu_reference(gate_up[..., :10], gate_up[..., 10:]))

@@ -73,10 +73,11 @@ def _compile_cases():
     for hidden in (4096, 5120, 1024, 128):  # Qwen3-8B / -14B / -0.6B hidden, and the per-head q/k norms
         block, rows, warps = rms._launch_shape(hidden)
         sig = {"X": bf, "W": bf, "Y": bf, "RSTD": "*fp32", "n_rows": "i32", "n_cols": "i32", "stride_x": "i32",
-               "stride_y": "i32", "eps": "fp32"}
+               "heads": "i32", "stride_xh": "i32", "stride_y": "i32", "eps": "fp32"}
         out.append((rms._rms_norm_fwd, sig, {"ROWS": rows, "BLOCK": block}, {"num_warps": warps}))
         sig = {"DY": bf, "X": bf, "W": bf, "RSTD": "*fp32", "DX": bf, "DW_PART": "*fp32", "n_rows": "i32",
-               "n_cols": "i32", "stride_dy": "i32", "stride_x": "i32", "stride_dx": "i32"}
+               "n_cols": "i32", "stride_dy": "i32", "stride_x": "i32", "heads": "i32", "stride_xh": "i32",
+               "stride_dx": "i32"}
         block, rows, warps = rms._launch_shape(hidden, backward=True)
         out.append((rms._rms_norm_bwd, sig, {"HAS_DW": hidden == 128, "ROWS": rows, "BLOCK": block},
                     {"num_warps": warps}))
@@ -146,6 +147,13 @@ def test_rms_norm_kernel(rows, cols, weight_grad):
 
 
 @in_child
+def test_rms_norm_kernel_reads_head_slices_in_place():
+    from loraforge.kernels.rms_norm import rms_norm_reference, rms_norm_triton
+
+    cases.check_rms_norm_head_slices(rms_norm_triton, rms_norm_reference, device="cpu", dtype=torch.float32)
+
+
+@in_child
 def test_rms_norm_kernel_mixed_dtypes():
     """bf16 activations with fp32 weights (what QLoRA preparation leaves) give fp32 output, like HF."""
     from loraforge.kernels.rms_norm import rms_norm_reference, rms_norm_triton
@@ -174,6 +182,15 @@ def test_swiglu_kernel(rows, cols, fused):
 
     cases.check_swiglu(swiglu_triton, swiglu_reference, rows=rows, cols=cols, device="cpu",
                        dtype=torch.float32, fused_slices=fused)
+
+
+@in_child
+@pytest.mark.parametrize("rows,cols", [(1, 1), (5, 37), (3, 2048)])
+def test_swiglu_packed_kernel(rows, cols):
+    from loraforge.kernels.swiglu import _SwiGLUPackedFunction, swiglu_reference
+
+    cases.check_swiglu(_SwiGLUPackedFunction.apply, swiglu_reference, rows=rows, cols=cols, device="cpu",
+                       dtype=torch.float32, packed=True)
 
 
 @in_child

@@ -87,3 +87,47 @@ def test_guard_checks_the_norm_clipping_computed_instead_of_its_own(tmp_path, mo
         p.grad = torch.full_like(p, float("inf"))
     guard.on_pre_optimizer_step(None, state, None, model=model)
     assert guard.total_skipped == 2
+
+
+def test_tokens_seen_are_counted_without_a_sync_and_read_when_logged(tmp_path, monkeypatch):
+    """Each micro-batch's non-padding tokens are summed on the device (no ``.item()``); a log (or a checkpoint, or
+    the end of training) brings them to ``state.num_input_tokens_seen``: the Trainer's own total."""
+    trainer = _trainer(tmp_path, tiny_model("qwen3"))
+    assert trainer.args.include_num_input_tokens_seen in ("non_padding", "no", False, True, "all")
+    trainer.args.include_num_input_tokens_seen = "non_padding"
+    masks = [torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]), torch.tensor([[1, 1, 1, 1]])]
+
+    def no_item(self):
+        raise AssertionError("a host sync while counting tokens")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "item", no_item)
+        for mask in masks:
+            trainer._track_num_input_tokens({"input_ids": torch.ones_like(mask), "attention_mask": mask})
+    assert trainer.state.num_input_tokens_seen == 0
+    trainer.log({"loss": 1.0})
+    assert trainer.state.num_input_tokens_seen == 9
+    want = Trainer(model=trainer.model, args=trainer.args)
+    for mask in masks:
+        Trainer._track_num_input_tokens(want, {"input_ids": torch.ones_like(mask), "attention_mask": mask})
+    assert want.state.num_input_tokens_seen == 9
+    trainer.args.include_num_input_tokens_seen = "all"
+    trainer._track_num_input_tokens({"input_ids": torch.ones(2, 5, dtype=torch.long)})
+    assert trainer.state.num_input_tokens_seen == 19  # counted on the host at once: no device count to flush
+
+
+def test_nan_inf_filter_runs_on_the_device_as_the_trainer_runs_it(tmp_path, monkeypatch):
+    """`logging_nan_inf_filter`: a non-finite micro-batch loss counts as the mean logged loss so far, as in the
+    Trainer, computed on the device; the Trainer's own (host-syncing) check is off; the guard still sees the NaN."""
+    trainer = _trainer(tmp_path, tiny_model("qwen3"))
+    trainer.guard = NonFiniteGuard(3, uses_grad_scaler=False)
+    trainer._tr_loss = torch.tensor(6.0)
+    trainer._globalstep_last_logged = 0
+    trainer.state.global_step = 2
+    losses = iter([torch.tensor(float("nan")), torch.tensor(1.5)])
+    monkeypatch.setattr(Trainer, "training_step", lambda self, model, inputs, n=None: next(losses))
+    assert trainer.args.logging_nan_inf_filter
+    assert trainer.training_step(trainer.model, {"input_ids": torch.ones(1, 2, dtype=torch.long)}).item() == 2.0
+    assert not trainer.args.logging_nan_inf_filter  # applied by training_step from now on
+    assert not bool(trainer.guard._loss_ok)  # the step will be skipped
+    assert trainer.training_step(trainer.model, {"input_ids": torch.ones(1, 2, dtype=torch.long)}).item() == 1.5

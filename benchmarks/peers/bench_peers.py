@@ -13,7 +13,8 @@ loraforge_ck18); `_gqarep` repeats K/V heads before the varlen kernel instead of
 `_fp8` sets `fp8: true` (FP8 base-weight matmuls), `_fp8bwd` `fp8: backward`, `_nofp8` `fp8: false` (the default is
 `auto`: `backward` on Hopper); `_adamfused` sets `optim: adamw_torch_fused`;
 `_denserep` repeats K/V heads for SDPA instead of passing them grouped (`enable_gqa=True`, the default); `_fullreplay` replays
-every GEMM of a checkpointed layer (down_proj's unread one included).
+every GEMM of a checkpointed layer (down_proj's unread one included); `_ungrouped` projects q/k/v and gate/up each on
+its own instead of as one group (one GEMM over their stacked weights).
 `--profile DIR` profiles one extra step per worker and writes where its GPU time went (by kernel kind).
 `--seqs 16384,24576,32768 --cap-gib 24` runs each worker at batch 1 at each length under a 24 GiB cap
 (`torch.cuda.set_per_process_memory_fraction`): the longest that trains is the one to compare.
@@ -198,6 +199,10 @@ def worker_loraforge(kind: str, path: str, seq: int, bs: int, steps: int, warmup
         from loraforge.models import fast
 
         fast.MLP_OUTPUT_UNREAD = ()
+    if "_ungrouped" in kind:  # the A/B of grouped projections: q/k/v and gate/up each projected on its own
+        from loraforge.models.fast import modules
+
+        modules.GROUPED["on"] = False
     if "_denserep" in kind:  # the A/B of SDPA with grouped K/V heads (enable_gqa, the default): repeat them
         from loraforge.kernels import varlen_attention
 
@@ -209,6 +214,8 @@ def worker_loraforge(kind: str, path: str, seq: int, bs: int, steps: int, warmup
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
+            if "t_end" in times and warmup < state.global_step <= warmup + steps:  # host time between two steps
+                times.setdefault("between", []).append(time.perf_counter() - times.pop("t_end"))
             if profile and state.global_step == warmup + steps:  # one more step, profiled (not timed)
                 torch.cuda.synchronize()
                 times["prof"] = _profiler()
@@ -216,6 +223,7 @@ def worker_loraforge(kind: str, path: str, seq: int, bs: int, steps: int, warmup
                 times["prof_t"] = time.time()
 
         def on_step_end(self, args, state, control, **kw):
+            times["t_end"] = time.perf_counter()
             if "prof" in times and state.global_step == warmup + steps + 1:
                 torch.cuda.synchronize()
                 wall = time.time() - times.pop("prof_t")
@@ -246,7 +254,10 @@ def worker_loraforge(kind: str, path: str, seq: int, bs: int, steps: int, warmup
     outcome = run_train(load_config(cfg, [], purpose="train"), extra_callbacks=[Clock()])
     dt = times["end"] - times["start"]
     _report(kind, seq, bs, steps, dt, losses, time.time() - t0 - dt, None,
-            {"peak_alloc_gib": round(times["peak"] / 2**30, 2), "metrics": {
+            {"peak_alloc_gib": round(times["peak"] / 2**30, 2),
+             # from one step's end (after its optimizer step) to the next one's begin: logging and the next batch
+             "between_steps_ms": round(1e3 * sum(times.get("between", [0])) / max(1, len(times.get("between", []))), 1),
+             "metrics": {
                 k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float))}})
 
 
@@ -343,10 +354,13 @@ def _gaps(events: list[dict], dev: list[dict], span) -> dict:
     buckets = {"<20us": [0, 0.0], "20-100us": [0, 0.0], "0.1-1ms": [0, 0.0], ">1ms": [0, 0.0]}
     by_op: dict[str, list] = {}
     host_late, end = 0.0, span(order[0])[1]
+    first, prev, largest = span(order[0])[0], order[0], []
     for e in order[1:]:
         a, b = span(e)
         gap = a - end
         if gap > 0:
+            largest.append((gap, a - gap - first, prev.get("name", "?")[:60], e.get("name", "?")[:60],
+                            op_of.get(e.get("args", {}).get("External id"), (0, "?"))[1]))
             size = "<20us" if gap < 20 else "20-100us" if gap < 100 else "0.1-1ms" if gap < 1000 else ">1ms"
             buckets[size][0] += 1
             buckets[size][1] += gap / 1e3
@@ -357,11 +371,15 @@ def _gaps(events: list[dict], dev: list[dict], span) -> dict:
             slot = by_op.setdefault(name, [0, 0.0])
             slot[0] += 1
             slot[1] += gap / 1e3
+        if b > end:
+            prev = e
         end = max(end, b)
     top = sorted(by_op.items(), key=lambda kv: -kv[1][1])[:25]
     return {"by_size": {k: {"count": c, "ms": round(t, 1)} for k, (c, t) in buckets.items()},
             "host_late_ms": round(host_late, 1),
-            "before_op": [{"op": k, "count": c, "ms": round(t, 2)} for k, (c, t) in top]}
+            "before_op": [{"op": k, "count": c, "ms": round(t, 2)} for k, (c, t) in top],
+            "largest": [{"ms": round(g / 1e3, 2), "at_ms": round(at / 1e3, 1), "after": p, "next": n, "next_op": o}
+                        for g, at, p, n, o in sorted(largest, reverse=True)[:15]]}
 
 
 def timeline(prof) -> dict:

@@ -73,8 +73,9 @@ def _stream_handle(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def dequantize_4bit(weight: Any, dtype: torch.dtype) -> torch.Tensor:
-    """A bitsandbytes ``Params4bit`` weight in ``dtype`` (call :func:`direct_ok` first)."""
+def dequantize_4bit(weight: Any, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A bitsandbytes ``Params4bit`` weight in ``dtype`` (call :func:`direct_ok` first); into ``out`` when given (a
+    contiguous tensor of the weight's shape and ``dtype``, such as a row block of a q/k/v group's weight)."""
     fns = _entry_points()
     qs = weight.quant_state
     data = weight.data
@@ -86,7 +87,11 @@ def dequantize_4bit(weight: Any, dtype: torch.dtype) -> torch.Tensor:
         fns["cdequantize_blockwise_fp32"](s2.code.data_ptr(), nested.data_ptr(), s2.absmax.data_ptr(),
                                           absmax.data_ptr(), s2.blocksize, nested.numel(), stream)
         absmax += qs.offset
-    out = torch.empty(qs.shape, dtype=dtype, device=data.device)
+    if out is None:
+        out = torch.empty(qs.shape, dtype=dtype, device=data.device)
+    elif out.shape != qs.shape or out.dtype != dtype or not out.is_contiguous() or out.device != data.device:
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(qs.shape)} on {data.device}; got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
     fns[f"cdequantize_blockwise_{_DTYPES[dtype]}_{qs.quant_type}"](
         None, data.data_ptr(), absmax.data_ptr(), out.data_ptr(), qs.blocksize, out.numel(), stream)
     return out

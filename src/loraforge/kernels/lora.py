@@ -14,7 +14,7 @@ for ``dB``, and runs the adapter GEMMs in the compute dtype.
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -54,14 +54,17 @@ class _ComputeCopies:
         self.generation += 1
         self.copies.clear()
 
-    def get(self, param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if param.dtype == dtype:
-            return param.detach()
+    def _hook(self) -> None:
         if not self.hooked:
             from torch.optim.optimizer import register_optimizer_step_post_hook
 
             register_optimizer_step_post_hook(self.invalidate)
             self.hooked = True
+
+    def get(self, param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if param.dtype == dtype:
+            return param.detach()
+        self._hook()
         key = (id(param), dtype)
         hit = self.copies.get(key)
         if hit is not None and hit[0]() is param and hit[1] == self.generation and hit[2] == param._version:
@@ -69,6 +72,21 @@ class _ComputeCopies:
         copy = param.detach().to(dtype)
         self.copies[key] = (weakref.ref(param), self.generation, param._version, copy)
         return copy
+
+    def joined(self, kind: str, params: tuple[torch.Tensor, ...], dtype: torch.dtype, extra: tuple,
+               build: Any) -> torch.Tensor:
+        """A tensor built by ``build()`` from several adapter weights (a q/k/v group's stacked A, say), cached under
+        the same rule as :meth:`get`: valid for these very tensors, at these versions, until an optimizer step."""
+        self._hook()
+        key = (kind, tuple(id(p) for p in params), dtype, extra)
+        hit = self.copies.get(key)
+        if (hit is not None and hit[1] == self.generation and all(r() is p for r, p in zip(hit[0], params))
+                and hit[2] == tuple(p._version for p in params)):
+            return hit[3]
+        joined = build()
+        self.copies[key] = (tuple(weakref.ref(p) for p in params), self.generation,
+                            tuple(p._version for p in params), joined)
+        return joined
 
 
 COMPUTE_COPIES = _ComputeCopies()
@@ -194,3 +212,188 @@ def lora_linear_reference(x: torch.Tensor, base_layer: torch.nn.Module, lora_a: 
     x_drop = x if dropout is None else dropout(x)
     base = F.linear(x, dequantize_weight(base_layer, dtype).detach(), _bias(base_layer, dtype))
     return base + F.linear(F.linear(x_drop, lora_a.to(dtype)), lora_b.to(dtype)) * scaling
+
+
+class LoraGroup(NamedTuple):
+    """Projections that read the same input (q/k/v; gate/up), each ``(base layer, A, B, scaling)``: one autograd
+    node, one base GEMM over their stacked weights, one GEMM for all their A's and one for all their B's."""
+
+    bases: tuple[torch.nn.Module, ...]
+    lora_a: tuple[torch.Tensor, ...]
+    lora_b: tuple[torch.Tensor, ...]
+    scalings: tuple[float, ...]
+
+    @property
+    def outs(self) -> tuple[int, ...]:
+        return tuple(b.shape[0] for b in self.lora_b)
+
+
+def joined_weight(bases: tuple[torch.nn.Module, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The group's base weights stacked into one [sum of outs, in] tensor in ``dtype``.
+
+    - 4-bit weights that bitsandbytes' kernels dequantize directly: each into its row block of one buffer (no copy).
+    - 16-bit weights that are consecutive row blocks of one tensor (``apply_fast_path`` lays a group's 16-bit
+      weights out that way): a view of them (no copy).
+    - Anything else (8-bit, the CPU's 4-bit): dequantized one by one and concatenated."""
+    weights = [b.weight for b in bases]
+    if all(type(w).__name__ == "Params4bit" and direct_ok(w, dtype) for w in weights):
+        rows = [int(w.quant_state.shape[0]) for w in weights]
+        out = torch.empty((sum(rows), int(weights[0].quant_state.shape[1])), dtype=dtype, device=weights[0].device)
+        start = 0
+        for w, n in zip(weights, rows):
+            dequantize_4bit(w, dtype, out=out[start:start + n])
+            start += n
+        return out
+    view = stacked_view(weights)
+    if view is not None and view.dtype == dtype:
+        return view
+    return torch.cat([dequantize_weight(b, dtype) for b in bases])
+
+
+def stacked_view(weights: list[torch.Tensor]) -> torch.Tensor | None:
+    """``torch.cat(weights)`` as a view, when the plain 2-D weights already lie one after the other in one storage."""
+    first = weights[0]
+    if type(first).__name__ in ("Params4bit", "Int8Params") or first.dim() != 2:
+        return None
+    cols, size = first.shape[1], first.element_size()
+    end = first.data_ptr()
+    storage = first.untyped_storage().data_ptr()
+    for w in weights:
+        if (type(w) is not type(first) or w.dtype != first.dtype or w.dim() != 2 or w.shape[1] != cols
+                or not w.is_contiguous() or w.data_ptr() != end or w.untyped_storage().data_ptr() != storage):
+            return None
+        end += w.numel() * size
+    rows = sum(w.shape[0] for w in weights)
+    return first.detach().as_strided((rows, cols), (cols, 1))
+
+
+def _stacked_a(group: LoraGroup, dtype: torch.dtype) -> torch.Tensor:
+    """[sum of ranks, in]: the group's A weights stacked, in ``dtype`` (cached until the next optimizer step)."""
+    return COMPUTE_COPIES.joined("a", group.lora_a, dtype, (),
+                                 lambda: torch.cat([a.detach() for a in group.lora_a]).to(dtype))
+
+
+def _block_b(group: LoraGroup, dtype: torch.dtype) -> torch.Tensor:
+    """[sum of outs, sum of ranks]: each B times its scaling on the diagonal, zeros elsewhere, in ``dtype``, so
+    ``(x A_all^T) B_block^T`` is every projection's adapter output at once (cached until the next optimizer step)."""
+    def build() -> torch.Tensor:
+        outs, ranks = group.outs, [b.shape[1] for b in group.lora_b]
+        block = group.lora_b[0].new_zeros((sum(outs), sum(ranks)), dtype=dtype)
+        row = col = 0
+        for b, s, o, r in zip(group.lora_b, group.scalings, outs, ranks):
+            block[row:row + o, col:col + r] = b.detach() * s
+            row, col = row + o, col + r
+        return block
+
+    return COMPUTE_COPIES.joined("b", group.lora_b, dtype, group.scalings, build)
+
+
+def _group_bias(bases: tuple[torch.nn.Module, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    biases = [getattr(b, "bias", None) for b in bases]
+    if all(b is None for b in biases):
+        return None
+    return torch.cat([b.detach() if b is not None else b_layer.weight.new_zeros(b_layer.out_features)
+                      for b, b_layer in zip(biases, bases)]).to(dtype)
+
+
+def group_fp8_scale(bases: tuple[torch.nn.Module, ...], dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
+    """One FP8 scale for the stacked weight (the largest of its weights' scales, so none of them saturates) and
+    the cache of its per-column vectors; kept on the first base layer."""
+    from .fp8 import weight_scale
+
+    cache = bases[0].__dict__.setdefault("_loraforge_fp8_groups", {})
+    key = tuple(id(b) for b in bases)
+    hit = cache.get(key)
+    if hit is None:
+        scale = weight_scale(bases[0], dtype)
+        for b in bases[1:]:
+            scale = torch.maximum(scale, weight_scale(b, dtype))
+        hit = cache[key] = (scale, {})
+    return hit
+
+
+def _fp8_vector(vectors: dict, scale: torch.Tensor, n: int) -> torch.Tensor:
+    vec = vectors.get(n)
+    if vec is None:
+        vec = vectors[n] = scale.reshape(1, 1).expand(1, n).contiguous()
+    return vec
+
+
+class LoraGroupFunction(torch.autograd.Function):
+    """Forward and backward of a :class:`LoraGroup`: ``x W_all^T + (x A_all^T) B_block^T``, one output of the
+    stacked width, which the caller splits (q, k, v)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: LoraGroup, fp8: bool | str, keep_weight: bool,
+                *adapters: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        a_all, b_block = _stacked_a(group, dtype), _block_b(group, dtype)
+        fp8 = fp8 if fp8 and all(_fp8_ok(b, x2, dtype) for b in group.bases) else False
+        weight = joined_weight(group.bases, dtype)
+        if fp8:
+            from .fp8 import LAST_ROWS, cast_weight, scaled_mm
+
+            scale, vectors = group_fp8_scale(group.bases, dtype)
+        if fp8 is True:
+            xq, xs = LAST_ROWS.get(x, x2)
+            w8 = cast_weight(weight, scale)
+            out = scaled_mm(xq, xs, w8.t(), _fp8_vector(vectors, scale, w8.shape[0]), dtype, fast=True)
+            bias = _group_bias(group.bases, dtype)
+            if bias is not None:
+                out.add_(bias)
+        else:
+            out = F.linear(x2, weight, _group_bias(group.bases, dtype))
+        if keep_weight:
+            ctx.kept = cast_weight(weight, scale, transpose=True) if fp8 else weight
+        del weight
+        xa = x2 @ a_all.t()  # [N, sum of ranks], kept for the B gradients
+        out.addmm_(xa, b_block.t())
+        ctx.save_for_backward(x2, xa, *adapters)
+        ctx.group, ctx.fp8, ctx.shape = group, bool(fp8), shape
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor):
+        x2, xa, *_ = ctx.saved_tensors
+        group = ctx.group
+        dtype = x2.dtype
+        dy = grad_out.reshape(-1, grad_out.shape[-1])
+        if dy.dtype != dtype:
+            dy = dy.to(dtype)
+        a_all, b_block = _stacked_a(group, dtype), _block_b(group, dtype)
+        dxa = dy @ b_block  # [N, sum of ranks], the scalings included
+        zero = dy.new_empty(())
+        grads_a, grads_b = [], []
+        grad_a_all = dxa.t() @ x2 if any(a.requires_grad for a in group.lora_a) else None
+        row = col = 0
+        for a, b, s in zip(group.lora_a, group.lora_b, group.scalings):
+            o, r = b.shape
+            grads_a.append(None if grad_a_all is None or not a.requires_grad else grad_a_all[col:col + r].to(a.dtype))
+            # addmm with beta 0 ignores its input: the scaling runs inside the GEMM
+            grads_b.append(torch.addmm(zero, dy[:, row:row + o].t(), xa[:, col:col + r], beta=0, alpha=s)
+                           .to(b.dtype) if b.requires_grad else None)
+            row, col = row + o, col + r
+        grad_x = None
+        kept, ctx.kept = getattr(ctx, "kept", None), None  # released here, used or not
+        if ctx.needs_input_grad[0]:
+            if ctx.fp8:
+                from .fp8 import cast_weight, quantize_rows, scaled_mm
+
+                scale, vectors = group_fp8_scale(group.bases, dtype)
+                if kept is None:
+                    kept = cast_weight(joined_weight(group.bases, dtype), scale, transpose=True)
+                dq, ds = quantize_rows(dy)
+                grad_x = scaled_mm(dq, ds, kept.t(), _fp8_vector(vectors, scale, kept.shape[0]), dtype, fast=False)
+            else:
+                grad_x = dy @ (joined_weight(group.bases, dtype) if kept is None else kept)
+            grad_x.addmm_(dxa, a_all)
+            grad_x = grad_x.reshape(ctx.shape)
+        return (grad_x, None, None, None, *grads_a, *grads_b)
+
+
+def lora_group(x: torch.Tensor, group: LoraGroup, fp8: bool | str = False, keep_weight: bool = False) -> torch.Tensor:
+    """The projections of ``group`` applied to ``x`` (no dropout), stacked along the last dimension in the group's
+    order; ``fp8`` and ``keep_weight`` as in :func:`lora_linear`. Split the result with ``group.outs``."""
+    return LoraGroupFunction.apply(x, group, fp8, keep_weight, *group.lora_a, *group.lora_b)

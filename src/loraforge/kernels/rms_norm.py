@@ -63,15 +63,36 @@ def _rows_view(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
+def _head_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """``t`` as rows the kernels address in place: ``(view, rows, token stride, heads, head stride)``.
+
+    A plain tensor is [rows, cols] (one "head"). Per-head q/k of a grouped q/k/v projection ([.., H, D] column
+    slices of one wider output) cannot be viewed as [rows, D]; they are addressed as [tokens, H, D], row ``r``
+    at ``(r // H) * token_stride + (r % H) * head_stride``, instead of copied."""
+    if t.dim() >= 3 and t.stride(-1) == 1:
+        try:
+            t.view(-1, t.shape[-1])
+        except RuntimeError:
+            try:
+                t3 = t.view(-1, t.shape[-2], t.shape[-1])
+            except RuntimeError:
+                pass
+            else:
+                return t3, t3.shape[0] * t3.shape[1], t3.stride(0), t3.shape[1], t3.stride(1)
+    t2 = _rows_view(t)
+    return t2, t2.shape[0], t2.stride(0), 1, 0
+
+
 @jit
-def _rms_norm_fwd(X, W, Y, RSTD, n_rows, n_cols, stride_x, stride_y, eps,
+def _rms_norm_fwd(X, W, Y, RSTD, n_rows, n_cols, stride_x, heads, stride_xh, stride_y, eps,
                   ROWS: tl.constexpr, BLOCK: tl.constexpr):
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     row_ok = rows < n_rows
     col_ok = cols < n_cols
     mask = row_ok[:, None] & col_ok[None, :]
-    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x_rows = (rows // heads) * stride_x + (rows % heads) * stride_xh  # see _head_rows
+    x = tl.load(X + x_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
     # Round the normalised row to the input dtype before the weight multiply, as the eager module does.
     normed = (x * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
@@ -82,7 +103,7 @@ def _rms_norm_fwd(X, W, Y, RSTD, n_rows, n_cols, stride_x, stride_y, eps,
 
 
 @jit
-def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PART, n_rows, n_cols, stride_dy, stride_x, stride_dx,
+def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PART, n_rows, n_cols, stride_dy, stride_x, heads, stride_xh, stride_dx,
                   HAS_DW: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     # Persistent programs: each walks every nprog-th block of rows and keeps its share of dW in registers,
     # so the partial-dW buffer is [programs, H] rather than [rows, H].
@@ -96,7 +117,8 @@ def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PART, n_rows, n_cols, stride_dy, stride
         rows = (block_id * ROWS + tl.arange(0, ROWS)).to(tl.int64)
         row_ok = rows < n_rows
         mask = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x_rows = (rows // heads) * stride_x + (rows % heads) * stride_xh
+        x = tl.load(X + x_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
         xhat = x * rstd[:, None]
@@ -115,17 +137,17 @@ def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PART, n_rows, n_cols, stride_dy, stride
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
-        x2 = _rows_view(x)
-        n_rows, n_cols = x2.shape
+        xr, n_rows, stride_x, heads, stride_xh = _head_rows(x)
+        n_cols = x.shape[-1]
         y = torch.empty((n_rows, n_cols), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         block, rows, warps = _launch_shape(n_cols)
-        ctx.save_for_backward(x2, weight, rstd)
-        ctx.x_shape = x.shape
+        ctx.save_for_backward(xr, weight, rstd)
+        ctx.x_shape, ctx.layout = x.shape, (n_rows, stride_x, heads, stride_xh)
         if n_rows == 0:
             return y.view(x.shape)
         _rms_norm_fwd[(cdiv(n_rows, rows),)](
-            x2, weight, y, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), eps,
+            xr, weight, y, rstd, n_rows, n_cols, stride_x, heads, stride_xh, y.stride(0), eps,
             ROWS=rows, BLOCK=block, num_warps=warps,
         )
         return y.view(x.shape)
@@ -133,9 +155,10 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, weight, rstd = ctx.saved_tensors
-        n_rows, n_cols = x2.shape
+        n_rows, stride_x, heads, stride_xh = ctx.layout
+        n_cols = x2.shape[-1]
         dy2 = _rows_view(dy)
-        dx = torch.empty_like(x2)
+        dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
         has_dw = ctx.needs_input_grad[1]
         block, rows, warps = _launch_shape(n_cols, backward=True)
         nprog = max(1, min(program_count(x2.device), cdiv(n_rows, rows)))
@@ -143,7 +166,7 @@ class _RMSNormFunction(torch.autograd.Function):
         if n_rows == 0:
             return dx.view(ctx.x_shape), (dw_part.sum(0).to(weight.dtype) if has_dw else None), None
         _rms_norm_bwd[(nprog,)](
-            dy2, x2, weight, rstd, dx, dw_part, n_rows, n_cols, dy2.stride(0), x2.stride(0), dx.stride(0),
+            dy2, x2, weight, rstd, dx, dw_part, n_rows, n_cols, dy2.stride(0), stride_x, heads, stride_xh, dx.stride(0),
             HAS_DW=has_dw, ROWS=rows, BLOCK=block, num_warps=warps,
         )
         dw = dw_part.sum(0).to(weight.dtype) if has_dw else None

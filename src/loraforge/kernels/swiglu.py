@@ -5,7 +5,9 @@ backward recomputes the sigmoid from ``gate`` instead, so only the two inputs ar
 backward each read and write every element once.
 
 ``gate`` and ``up`` may be column slices of one fused gate/up projection output ([..., 2I] split in two):
-the kernels take a row stride, so such views are used in place without a copy.
+the kernels take a row stride, so such views are used in place without a copy. :func:`swiglu_packed` takes that
+[..., 2I] output itself and returns its gradient as one [..., 2I] tensor, so autograd never splits it (a split's
+backward concatenates the two gradients: one more copy of the widest activation of the layer).
 """
 
 import torch
@@ -25,6 +27,20 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
     if use_triton(gate) and gate.shape == up.shape:
         return swiglu_triton(gate, up)
+    return swiglu_reference(gate, up)
+
+
+def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate_up = cat([gate, up], -1)`` (a grouped gate/up projection's output)."""
+    from loraforge.kernels import use_triton
+
+    if use_triton(gate_up) and gate_up.shape[-1] % 2 == 0:
+        return _SwiGLUPackedFunction.apply(gate_up)
+    return swiglu_packed_reference(gate_up)
+
+
+def swiglu_packed_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
     return swiglu_reference(gate, up)
 
 
@@ -98,3 +114,33 @@ class _SwiGLUFunction(torch.autograd.Function):
                 dy2.stride(0), g2.stride(0), u2.stride(0), dg.stride(0), du.stride(0), BLOCK=_BLOCK,
             )
         return dg.view(ctx.shape), du.view(ctx.shape)
+
+
+class _SwiGLUPackedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_up):
+        gu = _rows_view(gate_up)
+        n_rows, width = gu.shape
+        n_cols = width // 2
+        y = torch.empty((n_rows, n_cols), dtype=gu.dtype, device=gu.device)
+        if y.numel():
+            _swiglu_fwd[(n_rows, cdiv(n_cols, _BLOCK))](
+                gu, gu[:, n_cols:], y, n_cols, gu.stride(0), gu.stride(0), y.stride(0), BLOCK=_BLOCK,
+            )
+        ctx.save_for_backward(gu)
+        ctx.shape = gate_up.shape
+        return y.view(*gate_up.shape[:-1], n_cols)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (gu,) = ctx.saved_tensors
+        n_rows, width = gu.shape
+        n_cols = width // 2
+        dy2 = _rows_view(dy)
+        dgu = torch.empty((n_rows, width), dtype=gu.dtype, device=gu.device)
+        if dgu.numel():
+            _swiglu_bwd[(n_rows, cdiv(n_cols, _BLOCK))](
+                dy2, gu, gu[:, n_cols:], dgu, dgu[:, n_cols:], n_cols,
+                dy2.stride(0), gu.stride(0), gu.stride(0), dgu.stride(0), dgu.stride(0), BLOCK=_BLOCK,
+            )
+        return dgu.view(ctx.shape)

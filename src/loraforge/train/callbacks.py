@@ -130,6 +130,7 @@ class ProgressBarCallback(TrainerCallback):
         self.tracker = tracker
         self.bar = None
         self.last_loss = None
+        self.last_rate: float | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.tracker.begin(state)
@@ -140,7 +141,9 @@ class ProgressBarCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
-            post = {"tok/s": f"{self.tracker.tokens_per_second(state):.0f}"}
+            post = {}
+            if self.last_rate is not None:
+                post["tok/s"] = f"{self.last_rate:.0f}"
             if self.last_loss is not None:
                 post["loss"] = f"{self.last_loss:.4f}"
             self.bar.set_postfix(post, refresh=False)
@@ -148,6 +151,8 @@ class ProgressBarCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.last_loss = logs["loss"]
+            # tokens seen are counted on the device and brought to the host when a step is logged
+            self.last_rate = self.tracker.tokens_per_second(state)
         if self.bar is not None and logs and "eval_loss" in logs:
             self.bar.write(f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f}")
 

@@ -1,6 +1,10 @@
 """The Hugging Face Trainer with the few behaviours loraforge changes, each in a small named override.
 
-- ``training_step``: hands each micro-batch loss to the non-finite guard (checked once per optimizer step).
+- ``training_step``: hands each micro-batch loss to the non-finite guard (checked once per optimizer step), and
+  applies `logging_nan_inf_filter` on the device.
+- ``_track_num_input_tokens``, ``log``: tokens seen are counted on the device and read when logged or saved.
+  Together with the filter above, a micro-batch ends without a host sync, so the host prepares the next one while
+  the GPU still computes (the Trainer's own bookkeeping waits for the GPU twice per micro-batch).
 - ``_save_checkpoint``: checks the free disk space, writes each checkpoint into a staging folder and renames it
   when complete; a full disk ends the run with one message and no partial checkpoint.
 - ``train``: a resume from a checkpoint at the run's last step trains nothing (see ``_finish_from``).
@@ -57,6 +61,8 @@ class LoraforgeTrainer(Seq2SeqTrainer):
         self._staging = False
         self.micro_batch_tokens = micro_batch_tokens
         self._flops_params: tuple | None = None
+        self._tokens_pending: torch.Tensor | None = None  # tokens seen, counted on the device (see flush_token_count)
+        self._nan_inf_filter: bool | None = None  # decided at the first training step
         # the fast path's loss (compute_loss_func) divides by num_items_in_batch as the model's own loss does
         if micro_batch_tokens and not (self.model_accepts_loss_kwargs or self.compute_loss_func is not None):
             # without num_items_in_batch each micro-batch is averaged on its own: regrouping would reweight tokens
@@ -117,10 +123,6 @@ class LoraforgeTrainer(Seq2SeqTrainer):
             self.guard.note_grad_norm(norm)
         return norm
 
-    def _track_num_input_tokens(self, inputs):
-        # a private Trainer hook: counting the original micro-batch keeps tokens_seen equal to `off`
-        return super()._track_num_input_tokens(counted_inputs(inputs))
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.compute_loss_func is not None and model.training and "input_ids" in inputs:
             from ..models.fast.loss import no_logits
@@ -132,10 +134,57 @@ class LoraforgeTrainer(Seq2SeqTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         if is_empty_slot(inputs):  # a slot of a repacked step: its samples ran in a packed micro-batch
             return torch.zeros((), device=self.args.device)
+        self._take_over_nan_inf_filter()
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.guard is not None:
             self.guard.note_loss(loss)
+        if self._nan_inf_filter:
+            # the Trainer's `logging_nan_inf_filter`, on the device: a non-finite loss is logged as the mean of the
+            # losses since the last log, exactly as the Trainer does, without its host sync at every micro-batch
+            fill = self._tr_loss / (1 + self.state.global_step - self._globalstep_last_logged)
+            loss = torch.where(torch.isfinite(loss), loss, fill.to(loss.dtype))
         return loss
+
+    def _take_over_nan_inf_filter(self) -> None:
+        """The Trainer applies `logging_nan_inf_filter` with ``bool(torch.isnan(loss))`` after every micro-batch:
+        a host sync that leaves the GPU idle while the host prepares the next micro-batch. Where this Trainer keeps
+        its running loss as a device tensor (``_tr_loss``, transformers 5), the same filter runs on the device in
+        :meth:`training_step` instead, and the Trainer's own check is turned off."""
+        if self._nan_inf_filter is None:
+            own = bool(self.args.logging_nan_inf_filter) and isinstance(getattr(self, "_tr_loss", None), torch.Tensor)
+            self._nan_inf_filter = own and hasattr(self, "_globalstep_last_logged")
+            if self._nan_inf_filter:
+                self.args.logging_nan_inf_filter = False  # applied here, on the device
+
+    def _track_num_input_tokens(self, inputs):
+        """Tokens seen, counted on the device and added to ``state.num_input_tokens_seen`` when something reads
+        it (a log, a checkpoint, the end of training): the Trainer's ``.item()`` at every micro-batch waits for
+        the GPU. Several processes keep the Trainer's count (a collective every rank takes together)."""
+        inputs = counted_inputs(inputs)  # the original micro-batch: tokens_seen equals `off`'s
+        mode = self.args.include_num_input_tokens_seen
+        name = getattr(self.model, "main_input_name", "input_ids")
+        if self.args.world_size > 1 or mode in ("no", False, None) or not hasattr(inputs, "get") \
+                or name not in inputs:
+            return super()._track_num_input_tokens(inputs)
+        if mode != "non_padding":
+            self.state.num_input_tokens_seen += inputs[name].numel()
+            return None
+        mask = inputs.get("attention_mask")
+        if not isinstance(mask, torch.Tensor):  # the Trainer counts by the pad id here
+            return super()._track_num_input_tokens(inputs)
+        count = mask.sum()
+        self._tokens_pending = count if self._tokens_pending is None else self._tokens_pending + count
+        return None
+
+    def flush_token_count(self) -> None:
+        """Add the tokens counted on the device to ``state.num_input_tokens_seen`` (one host sync)."""
+        if self._tokens_pending is not None:
+            pending, self._tokens_pending = self._tokens_pending, None
+            self.state.num_input_tokens_seen += int(pending.item())
+
+    def log(self, logs, *args, **kwargs):
+        self.flush_token_count()
+        return super().log(logs, *args, **kwargs)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None and self.loraplus:
@@ -179,6 +228,8 @@ class LoraforgeTrainer(Seq2SeqTrainer):
                                    self.state.global_step, f"{newest} is the newest complete checkpoint" if newest
                                    else f"{out} holds no checkpoint yet, so that starts over")
                 raise
+            finally:
+                self.flush_token_count()
         run_loss = self._run_loss()
         if resume_from_checkpoint and math.isfinite(run_loss):
             # Hugging Face averages over this session's steps only; report the whole run's, as without the stop
@@ -264,6 +315,7 @@ class LoraforgeTrainer(Seq2SeqTrainer):
         A crash while saving leaves only the staging folder, which the next run removes, so every
         ``checkpoint-N`` folder is complete and resume always finds a usable one.
         """
+        self.flush_token_count()  # the saved state has every token seen so far
         run_dir = Path(super()._get_output_dir(trial))
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         self._staging = True

@@ -56,6 +56,7 @@ class FastPath:
     _use_cache: bool | None = None
     offloaded: int = 0
     _model: Any = field(default=None, repr=False)
+    _stacked: list[Any] = field(default_factory=list, repr=False)  # 16-bit base weights laid out per group
 
     @property
     def enabled(self) -> bool:
@@ -75,14 +76,19 @@ class FastPath:
         return f"fast path: on ({parts}; variable-length attention; fused linear cross-entropy{fp8}{ckpt})"
 
     def restore(self) -> None:
-        """Put every original module back (the adopted children are shared, so nothing is copied), and free the
-        kernels' per-run buffers (16-bit adapter copies, the last FP8-quantized input)."""
+        """Put every original module back (the adopted children are shared), give the 16-bit base weights laid
+        out per group their own storage again, and free the kernels' per-run buffers (16-bit adapter copies, the
+        last FP8-quantized input)."""
         from ...kernels.fp8 import LAST_ROWS
         from ...kernels.lora import COMPUTE_COPIES
+
+        from .modules import unstack_base_weights
 
         for parent, name, original in reversed(self._originals):
             setattr(parent, name, original)
         self._originals.clear()
+        unstack_base_weights(self._stacked)
+        self._stacked.clear()
         COMPUTE_COPIES.invalidate()
         LAST_ROWS.clear()
         if self._model is not None and self._attention is not None:
@@ -222,7 +228,7 @@ def apply_fast_path(model: Any, plan: FastPathPlan) -> FastPath:
     """Swap the covered module instances of ``model`` (a peft-wrapped or plain causal LM) for the fast ones."""
     from ...kernels.varlen_attention import attention_of, use_varlen_attention
     from .checkpointing import use_offloaded_checkpointing
-    from .modules import FastAttention, FastMLP, FastRMSNorm
+    from .modules import FastAttention, FastMLP, FastRMSNorm, stack_base_weights
 
     fast = FastPath(plan)
     if not plan.enabled:
@@ -247,6 +253,9 @@ def apply_fast_path(model: Any, plan: FastPathPlan) -> FastPath:
             module.fp8 = plan.fp8
         if isinstance(module, FastMLP):
             module.output_read_in_backward = not unread
+            fast._stacked += stack_base_weights((module.gate_proj, module.up_proj))
+        if isinstance(module, FastAttention):
+            fast._stacked += stack_base_weights((module.q_proj, module.k_proj, module.v_proj))
     dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
     fast.offloaded = use_offloaded_checkpointing(decoder.layers, keep_rng=dropout)
     fast._attention, fast._model = attention_of(model), model

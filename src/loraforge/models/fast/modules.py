@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...kernels.lora import lora_linear
+from ...kernels.lora import LoraGroup, lora_group, lora_linear
 from ...kernels.rms_norm import rms_norm
 from ...kernels.rope import apply_rope
-from ...kernels.swiglu import swiglu
+from ...kernels.swiglu import swiglu, swiglu_packed
 from ...kernels.varlen_attention import attention_forward
 from .checkpointing import recomputing
 
@@ -64,6 +64,85 @@ def project(layer: nn.Module, x: torch.Tensor, fp8: bool | str = False, unused_o
                        unused_output=unused_output, keep_weight=recomputing())
 
 
+#: whether projections that read the same input (q/k/v, gate/up) run as one group (the benchmarks' A/B switch)
+GROUPED = {"on": True}
+
+
+def group_of(layers: tuple[nn.Module, ...]) -> LoraGroup | None:
+    """The projections ``layers`` (reading one input) as a :class:`~loraforge.kernels.lora.LoraGroup`, when the
+    fused function covers each, none applies an active dropout (each has its own mask), and their adapters share
+    a dtype and device; None otherwise (each is then projected on its own)."""
+    if not GROUPED["on"]:
+        return None
+    bases, lora_a, lora_b, scalings = [], [], [], []
+    for layer in layers:
+        parts = lora_parts(layer)
+        if parts is None:
+            return None
+        base, a, b, scaling, dropout = parts
+        if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0:
+            return None
+        bases.append(base)
+        lora_a.append(a)
+        lora_b.append(b)
+        scalings.append(float(scaling))
+    first = lora_a[0]
+    if any(t.dtype != first.dtype or t.device != first.device for t in (*lora_a, *lora_b)):
+        return None
+    return LoraGroup(tuple(bases), tuple(lora_a), tuple(lora_b), tuple(scalings))
+
+
+def project_stacked(layers: tuple[nn.Module, ...], x: torch.Tensor, fp8: bool | str = False
+                    ) -> tuple[torch.Tensor | None, LoraGroup | None]:
+    """``torch.cat([layer(x) for layer in layers], -1)`` in one fused call, and the group, where :func:`group_of`
+    allows it; ``(None, None)`` where it does not (then project each on its own)."""
+    group = group_of(layers)
+    if group is None:
+        return None, None
+    return lora_group(x, group, fp8=fp8 if layers[0].training else False, keep_weight=recomputing()), group
+
+
+def project_group(layers: tuple[nn.Module, ...], x: torch.Tensor, fp8: bool | str = False) -> tuple[torch.Tensor, ...]:
+    """``tuple(layer(x) for layer in layers)``: one fused call for the group where :func:`group_of` allows it (the
+    outputs are then column slices of one tensor), else one :func:`project` each."""
+    out, group = project_stacked(layers, x, fp8)
+    if out is None:
+        return tuple(project(layer, x, fp8) for layer in layers)
+    return out.split(group.outs, dim=-1)
+
+
+def stack_base_weights(layers: tuple[nn.Module, ...]) -> list[nn.Parameter]:
+    """Lay the 16-bit base weights of a group (q/k/v, gate/up) out as consecutive row blocks of one tensor, so the
+    group's GEMM reads them as one [sum of outs, in] view (:func:`~loraforge.kernels.lora.stacked_view`) instead of
+    concatenating them at every pass. Values, names and shapes are unchanged: each parameter's data becomes a
+    view. Returns the parameters laid out (empty when the bases are quantized, trainable, or differ)."""
+    from ...kernels.lora import stacked_view
+
+    weights = []
+    for layer in layers:
+        parts = lora_parts(layer)
+        if parts is None or type(parts[0]) is not nn.Linear:
+            return []
+        weights.append(parts[0].weight)
+    first = weights[0]
+    if any(w.requires_grad or w.dim() != 2 or w.is_meta or w.dtype != first.dtype or w.device != first.device
+           or w.shape[1] != first.shape[1] for w in weights):
+        return []
+    if stacked_view(weights) is None:
+        joined = torch.cat([w.detach() for w in weights])
+        row = 0
+        for w in weights:
+            w.data = joined[row:row + w.shape[0]]
+            row += w.shape[0]
+    return weights
+
+
+def unstack_base_weights(weights: list[nn.Parameter]) -> None:
+    """Give each weight laid out by :func:`stack_base_weights` its own storage again (for saving and merging)."""
+    for w in weights:
+        w.data = w.data.clone()
+
+
 class FastRMSNorm(nn.Module):
     """RMSNorm with the fused kernel; adopts the original module's ``weight`` and epsilon."""
 
@@ -98,8 +177,12 @@ class FastMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.fp8
         unused = not self.output_read_in_backward and recomputing()
-        return project(self.down_proj, swiglu(project(self.gate_proj, x, f), project(self.up_proj, x, f)), f,
-                       unused_output=unused)
+        gate_up, _ = project_stacked((self.gate_proj, self.up_proj), x, f)
+        if gate_up is None:
+            act = swiglu(project(self.gate_proj, x, f), project(self.up_proj, x, f))
+        else:  # one [.., 2I] tensor in, its gradient one [.., 2I] tensor out: no split, no concatenation
+            act = swiglu_packed(gate_up)
+        return project(self.down_proj, act, f, unused_output=unused)
 
 
 class FastAttention(nn.Module):
@@ -131,9 +214,9 @@ class FastAttention(nn.Module):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         f = self.fp8
-        q = project(self.q_proj, hidden_states, f).view(hidden_shape)
-        k = project(self.k_proj, hidden_states, f).view(hidden_shape)
-        v = project(self.v_proj, hidden_states, f).view(hidden_shape)
+        q, k, v = (t.view(hidden_shape) for t in project_group((self.q_proj, self.k_proj, self.v_proj),
+                                                                 hidden_states, f))
+        v = v.contiguous()  # a column slice of the group's output: attention kernels get the usual [B, S, H, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = position_embeddings
