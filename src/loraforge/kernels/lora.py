@@ -147,9 +147,7 @@ class LoraLinearFunction(torch.autograd.Function):
         xd2, xa, lora_a, lora_b = ctx.saved_tensors
         dtype = xd2.dtype
         s = ctx.scaling
-        dy = grad_out.reshape(-1, grad_out.shape[-1])
-        if dy.dtype != dtype:
-            dy = dy.to(dtype)
+        dy = _grad_rows(grad_out, dtype)
         a, b = compute_copy(lora_a, dtype), compute_copy(lora_b, dtype)
         # addmm with beta 0 ignores its input (NaN included): the scaling runs inside the GEMM, no extra kernel
         zero = dy.new_empty(())
@@ -173,6 +171,12 @@ class LoraLinearFunction(torch.autograd.Function):
         return (grad_x, grad_xd, None,
                 None if grad_a is None else grad_a.to(lora_a.dtype),
                 None if grad_b is None else grad_b.to(lora_b.dtype), None, None, None, None)
+
+
+def _grad_rows(grad_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The output gradient as [tokens, out] rows in the compute dtype."""
+    dy = grad_out.reshape(-1, grad_out.shape[-1])
+    return dy if dy.dtype == dtype else dy.to(dtype)
 
 
 def _fp8_ok(base_layer: torch.nn.Module, x2: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -359,9 +363,7 @@ class LoraGroupFunction(torch.autograd.Function):
         x2, xa, *_ = ctx.saved_tensors
         group = ctx.group
         dtype = x2.dtype
-        dy = grad_out.reshape(-1, grad_out.shape[-1])
-        if dy.dtype != dtype:
-            dy = dy.to(dtype)
+        dy = _grad_rows(grad_out, dtype)
         a_all, b_block = _stacked_a(group, dtype), _block_b(group, dtype)
         dxa = dy @ b_block  # [N, sum of ranks], the scalings included
         zero = dy.new_empty(())
