@@ -229,7 +229,10 @@ class LoraforgeTrainer(Seq2SeqTrainer):
                                    else f"{out} holds no checkpoint yet, so that starts over")
                 raise
             finally:
-                self.flush_token_count()
+                try:
+                    self.flush_token_count()
+                except Exception:  # noqa: BLE001 - after a failed run (a CUDA error, say) the first error is the one
+                    logger.debug("tokens seen not flushed", exc_info=True)
         run_loss = self._run_loss()
         if resume_from_checkpoint and math.isfinite(run_loss):
             # Hugging Face averages over this session's steps only; report the whole run's, as without the stop
