@@ -332,8 +332,11 @@ def test_adapter_compute_copies_follow_every_weight_update():
         a.mul_(2)
     assert torch.equal(compute_copy(a, bf16), a.detach().to(bf16))
     other = torch.nn.Parameter(torch.zeros(4, 8))  # a dead tensor's entry under this id is never handed out
-    COMPUTE_COPIES.copies[(id(other), bf16)] = (lambda: None, COMPUTE_COPIES.generation, other._version,
-                                                torch.ones(4, 8, dtype=bf16))
+    key = ("copy", (id(other),), bf16, ())
+    compute_copy(other, bf16)
+    assert key in COMPUTE_COPIES.copies  # the entry the stale one below replaces
+    COMPUTE_COPIES.copies[key] = ((lambda: None,), COMPUTE_COPIES.generation, (other._version,),
+                                  torch.ones(4, 8, dtype=bf16))
     assert torch.equal(compute_copy(other, bf16), torch.zeros(4, 8, dtype=bf16))
 
 

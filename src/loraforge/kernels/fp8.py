@@ -142,13 +142,17 @@ def weight_scale(base_layer: torch.nn.Module, dtype: torch.dtype) -> torch.Tenso
     return scale
 
 
-def _scale_vector(base_layer: torch.nn.Module, scale: torch.Tensor, n: int) -> torch.Tensor:
-    """The weight's scale as the [1, n] per-column vector ``_scaled_mm`` takes, made once per layer and width."""
-    vectors = base_layer._loraforge_fp8_vectors
+def scale_vector(vectors: dict, scale: torch.Tensor, n: int) -> torch.Tensor:
+    """A weight's one scale as the [1, n] per-column vector ``_scaled_mm`` takes, made once per width and kept in
+    ``vectors`` (the layer's, or a q/k/v group's)."""
     vec = vectors.get(n)
     if vec is None:
         vec = vectors[n] = scale.reshape(1, 1).expand(1, n).contiguous()
     return vec
+
+
+def _scale_vector(base_layer: torch.nn.Module, scale: torch.Tensor, n: int) -> torch.Tensor:
+    return scale_vector(base_layer._loraforge_fp8_vectors, scale, n)
 
 
 def fp8_weight(base_layer: torch.nn.Module, dtype: torch.dtype, scale: torch.Tensor,

@@ -47,7 +47,7 @@ class _ComputeCopies:
 
     def __init__(self) -> None:
         self.generation = 0
-        self.copies: dict[tuple[int, torch.dtype], tuple[weakref.ref, int, int, torch.Tensor]] = {}
+        self.copies: dict[tuple, tuple[tuple[weakref.ref, ...], int, tuple[int, ...], torch.Tensor]] = {}
         self.hooked = False
 
     def invalidate(self, *_args: Any) -> None:
@@ -64,19 +64,12 @@ class _ComputeCopies:
     def get(self, param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if param.dtype == dtype:
             return param.detach()
-        self._hook()
-        key = (id(param), dtype)
-        hit = self.copies.get(key)
-        if hit is not None and hit[0]() is param and hit[1] == self.generation and hit[2] == param._version:
-            return hit[3]
-        copy = param.detach().to(dtype)
-        self.copies[key] = (weakref.ref(param), self.generation, param._version, copy)
-        return copy
+        return self.joined("copy", (param,), dtype, (), lambda: param.detach().to(dtype))
 
     def joined(self, kind: str, params: tuple[torch.Tensor, ...], dtype: torch.dtype, extra: tuple,
                build: Any) -> torch.Tensor:
-        """A tensor built by ``build()`` from several adapter weights (a q/k/v group's stacked A, say), cached under
-        the same rule as :meth:`get`: valid for these very tensors, at these versions, until an optimizer step."""
+        """A tensor built by ``build()`` from adapter weights (a 16-bit copy of one; a q/k/v group's stacked A's),
+        cached under the rule above: valid for these very tensors, at these versions, until an optimizer step."""
         self._hook()
         key = (kind, tuple(id(p) for p in params), dtype, extra)
         hit = self.copies.get(key)
@@ -316,13 +309,6 @@ def group_fp8_scale(bases: tuple[torch.nn.Module, ...], dtype: torch.dtype) -> t
     return hit
 
 
-def _fp8_vector(vectors: dict, scale: torch.Tensor, n: int) -> torch.Tensor:
-    vec = vectors.get(n)
-    if vec is None:
-        vec = vectors[n] = scale.reshape(1, 1).expand(1, n).contiguous()
-    return vec
-
-
 class LoraGroupFunction(torch.autograd.Function):
     """Forward and backward of a :class:`LoraGroup`: ``x W_all^T + (x A_all^T) B_block^T``, one output of the
     stacked width, which the caller splits (q, k, v)."""
@@ -337,13 +323,13 @@ class LoraGroupFunction(torch.autograd.Function):
         fp8 = fp8 if fp8 and all(_fp8_ok(b, x2, dtype) for b in group.bases) else False
         weight = joined_weight(group.bases, dtype)
         if fp8:
-            from .fp8 import LAST_ROWS, cast_weight, scaled_mm
+            from .fp8 import LAST_ROWS, cast_weight, scale_vector, scaled_mm
 
             scale, vectors = group_fp8_scale(group.bases, dtype)
         if fp8 is True:
             xq, xs = LAST_ROWS.get(x, x2)
             w8 = cast_weight(weight, scale)
-            out = scaled_mm(xq, xs, w8.t(), _fp8_vector(vectors, scale, w8.shape[0]), dtype, fast=True)
+            out = scaled_mm(xq, xs, w8.t(), scale_vector(vectors, scale, w8.shape[0]), dtype, fast=True)
             bias = _group_bias(group.bases, dtype)
             if bias is not None:
                 out.add_(bias)
@@ -381,13 +367,13 @@ class LoraGroupFunction(torch.autograd.Function):
         kept, ctx.kept = getattr(ctx, "kept", None), None  # released here, used or not
         if ctx.needs_input_grad[0]:
             if ctx.fp8:
-                from .fp8 import cast_weight, quantize_rows, scaled_mm
+                from .fp8 import cast_weight, quantize_rows, scale_vector, scaled_mm
 
                 scale, vectors = group_fp8_scale(group.bases, dtype)
                 if kept is None:
                     kept = cast_weight(joined_weight(group.bases, dtype), scale, transpose=True)
                 dq, ds = quantize_rows(dy)
-                grad_x = scaled_mm(dq, ds, kept.t(), _fp8_vector(vectors, scale, kept.shape[0]), dtype, fast=False)
+                grad_x = scaled_mm(dq, ds, kept.t(), scale_vector(vectors, scale, kept.shape[0]), dtype, fast=False)
             else:
                 grad_x = dy @ (joined_weight(group.bases, dtype) if kept is None else kept)
             grad_x.addmm_(dxa, a_all)

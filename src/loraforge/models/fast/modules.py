@@ -51,6 +51,11 @@ def lora_parts(layer: nn.Module) -> tuple[nn.Module, torch.Tensor, torch.Tensor,
     return base, lora_a[name].weight, layer.lora_B[name].weight, layer.scaling[name], layer.lora_dropout[name]
 
 
+def _active(dropout: nn.Module) -> bool:
+    """Whether a LoRA dropout drops anything in this call."""
+    return isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0
+
+
 def project(layer: nn.Module, x: torch.Tensor, fp8: bool | str = False, unused_output: bool = False) -> torch.Tensor:
     """``layer(x)`` for a LoRA projection, through the fused function when it covers the layer (with ``fp8``, its
     frozen-weight GEMMs in FP8: True both, ``"backward"`` the input gradient's; ``unused_output``: see
@@ -59,8 +64,7 @@ def project(layer: nn.Module, x: torch.Tensor, fp8: bool | str = False, unused_o
     if parts is None:
         return layer(x)
     base, a, b, scaling, dropout = parts
-    active = isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0
-    return lora_linear(x, base, a, b, scaling, dropout if active else None, fp8=fp8 if layer.training else False,
+    return lora_linear(x, base, a, b, scaling, dropout if _active(dropout) else None, fp8=fp8 if layer.training else False,
                        unused_output=unused_output, keep_weight=recomputing())
 
 
@@ -80,7 +84,7 @@ def group_of(layers: tuple[nn.Module, ...]) -> LoraGroup | None:
         if parts is None:
             return None
         base, a, b, scaling, dropout = parts
-        if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0:
+        if _active(dropout):
             return None
         bases.append(base)
         lora_a.append(a)
