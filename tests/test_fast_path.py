@@ -266,12 +266,16 @@ def test_lora_linear_function(kind, dropout):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fp8", [False, "backward"])
-def test_kept_weight_serves_the_backward_without_a_second_dequantization(fp8, monkeypatch):
+@pytest.mark.parametrize("fp8, replay", [(False, True), ("backward", False), ("backward", True), (True, True)])
+def test_kept_weight_serves_the_backward_without_a_second_dequantization(fp8, replay, monkeypatch):
     """``keep_weight`` (a replayed layer): the backward uses the weight the forward dequantized (or its e4m3
-    transpose) and dequantizes nothing; output and gradients equal the ordinary call's."""
+    transpose) and dequantizes nothing; output and gradients equal the ordinary call's with the same forward
+    precision (under ``fp8: backward`` a replay's forward GEMM is FP8, or 16-bit with ``fp8.REPLAY`` off)."""
     bnb = pytest.importorskip("bitsandbytes")
+    from loraforge.kernels import fp8 as fp8_module
     from loraforge.kernels import lora
+
+    monkeypatch.setitem(fp8_module.REPLAY, "on", replay)
 
     torch.manual_seed(0)
     base = bnb.nn.Linear4bit(48, 32, bias=False, compute_dtype=torch.float32, quant_type="nf4")
@@ -285,10 +289,11 @@ def test_kept_weight_serves_the_backward_without_a_second_dequantization(fp8, mo
     calls = []
     real = lora.dequantize_weight
     monkeypatch.setattr(lora, "dequantize_weight", lambda *args: calls.append(1) or real(*args))
+    plain = True if fp8 == "backward" and replay else fp8  # the ordinary call with the replay's forward precision
     results = []
-    for keep in (False, True):
+    for keep, setting in ((False, plain), (True, fp8)):
         x = torch.randn(2, 3, 48, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
-        out = lora.lora_linear(x, base, a, b, 0.5, fp8=fp8, keep_weight=keep)
+        out = lora.lora_linear(x, base, a, b, 0.5, fp8=setting, keep_weight=keep)
         calls.clear()
         out.pow(2).sum().backward()
         assert len(calls) == (0 if keep else 1)
@@ -296,6 +301,9 @@ def test_kept_weight_serves_the_backward_without_a_second_dequantization(fp8, mo
         a.grad = b.grad = None
     for ref, got in zip(*results):
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    if fp8 == "backward":  # and the replay's forward differs from the 16-bit one exactly when it runs in FP8
+        x = torch.randn(2, 3, 48, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(results[1][0], lora.lora_linear(x, base, a, b, 0.5).detach()) is not replay
 
 
 def test_adapter_compute_copies_follow_every_weight_update():

@@ -245,6 +245,35 @@ def test_fp8_lora_function_on_gpu():
     assert _rel(outs[1][0], outs[0][0]) < 0.06 and _rel(outs[1][1], outs[0][1]) < 0.08
 
 
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("grouped", [False, True])
+def test_fp8_backward_replays_in_fp8_on_gpu(grouped):
+    """`fp8: backward` on a replay (``keep_weight``): the forward GEMM runs in FP8 with exact accumulation, the
+    backward from the kept e4m3 transpose; output and gradients stay within FP8's error of the 16-bit call."""
+    from loraforge.kernels.lora import LoraGroup, lora_group
+
+    torch.manual_seed(0)
+    bases = tuple(torch.nn.Linear(4096, n, bias=False, device="cuda").to(BF16).requires_grad_(False)
+                  for n in ((4096, 1024, 1024) if grouped else (1024,)))
+    a = [torch.nn.Parameter(torch.randn(16, 4096, device="cuda") * 0.01) for _ in bases]
+    b = [torch.nn.Parameter(torch.randn(base.out_features, 16, device="cuda") * 0.01) for base in bases]
+    runs = []
+    for fp8, keep in ((False, False), ("backward", True)):
+        torch.manual_seed(1)
+        x = torch.randn(2048, 4096, device="cuda").to(BF16).requires_grad_(True)
+        if grouped:
+            out = lora_group(x, LoraGroup(bases, tuple(a), tuple(b), (1.0,) * 3), fp8=fp8, keep_weight=keep)
+        else:
+            out = lora_linear(x, bases[0], a[0], b[0], 1.0, fp8=fp8, keep_weight=keep)
+        out.float().pow(2).sum().backward()
+        runs.append((out.detach(), x.grad, *(t.grad.clone() for t in (*a, *b))))
+        for t in (*a, *b):
+            t.grad = None
+    assert not torch.equal(runs[1][0], runs[0][0])  # the replay's GEMM ran in FP8
+    for got, ref in zip(runs[1], runs[0]):
+        assert _rel(got, ref) < 0.08
+
 
 def test_fp8_backward_keeps_the_forward_16_bit():
     """`fp8: backward`: the output is bit-equal to 16 bits, only the input gradient goes through FP8 (and the

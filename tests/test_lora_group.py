@@ -19,10 +19,10 @@ from fast_models import tiny_model
 OUTS, RANKS, SCALES, IN = (40, 16, 24), (4, 4, 8), (0.5, 0.5, 2.0), 48
 
 
-def _bases(kind: str) -> tuple[torch.nn.Module, ...]:
+def _bases(kind: str, outs: tuple[int, ...] = OUTS) -> tuple[torch.nn.Module, ...]:
     torch.manual_seed(0)
     bases = []
-    for out in OUTS:
+    for out in outs:
         linear = torch.nn.Linear(IN, out, bias=kind == "bias")
         if kind == "4bit":
             bnb = pytest.importorskip("bitsandbytes")
@@ -46,10 +46,10 @@ def _bases(kind: str) -> tuple[torch.nn.Module, ...]:
     return tuple(bases)
 
 
-def _adapters():
+def _adapters(outs: tuple[int, ...] = OUTS):
     g = torch.Generator().manual_seed(5)
     a = [torch.randn(r, IN, generator=g).requires_grad_(True) for r in RANKS]
-    b = [torch.randn(o, r, generator=g).requires_grad_(True) for o, r in zip(OUTS, RANKS)]
+    b = [torch.randn(o, r, generator=g).requires_grad_(True) for o, r in zip(outs, RANKS)]
     return a, b
 
 
@@ -83,28 +83,38 @@ def test_group_equals_each_projection_on_its_own(kind):
 def test_group_in_fp8_stays_close_to_each_projection_in_fp8(fp8):
     """The group shares one FP8 scale (the largest of its weights'), so it is not bit-equal to the projections
     quantized one by one, but as close as FP8 allows (tests/test_fp8.py: ~4% on a GEMM output)."""
-    bases = _bases("plain")
-    a, b = _adapters()
+    outs = (48, 16, 32)  # FP8 GEMMs take multiples of 16 only
+    bases = _bases("plain", outs)
+    a, b = _adapters(outs)
     ref, got = _run(_separate, bases, a, b, fp8=fp8), _run(_grouped, bases, a, b, fp8=fp8)
     exact = _run(_separate, bases, a, b)
     for r, g, e in zip(ref, got, exact):
         scale = e.abs().max()
         assert (g - e).abs().max() <= 0.08 * scale and (r - e).abs().max() <= 0.08 * scale
+    assert not torch.equal(got[1 if fp8 == "backward" else 0], exact[1 if fp8 == "backward" else 0])  # FP8 ran
 
 
-@pytest.mark.parametrize("fp8", [False, "backward"])
-def test_group_keeps_its_weight_for_the_backward_of_a_replay(fp8, monkeypatch):
-    bases = _bases("4bit")
-    a, b = _adapters()
+@pytest.mark.parametrize("fp8, replay", [(False, True), ("backward", False), ("backward", True), (True, True)])
+def test_group_keeps_its_weight_for_the_backward_of_a_replay(fp8, replay, monkeypatch):
+    """A replay (``keep_weight``) hands its weight to the backward, which dequantizes nothing. Its output and every
+    gradient equal an ordinary call's with the same forward precision: under ``fp8: backward`` a replay's forward
+    GEMM is FP8 (as ``fp8: true``'s), or 16-bit with the benchmarks' switch ``fp8.REPLAY`` off."""
+    from loraforge.kernels import fp8 as fp8_module
+
+    monkeypatch.setitem(fp8_module.REPLAY, "on", replay)
+    outs = (48, 16, 32)  # FP8 GEMMs take multiples of 16 only
+    bases = _bases("4bit", outs)
+    a, b = _adapters(outs)
     if fp8:
         lora.group_fp8_scale(bases, torch.float32)  # measured once, at the first use
     calls = []
     real = lora.joined_weight
     monkeypatch.setattr(lora, "joined_weight", lambda *args: calls.append(1) or real(*args))
+    plain = True if fp8 == "backward" and replay else fp8  # the ordinary call with the replay's forward precision
     results = []
-    for keep in (False, True):
+    for keep, setting in ((False, plain), (True, fp8)):
         x = torch.randn(2, 3, IN, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
-        out = _grouped(x, bases, a, b, fp8=fp8, keep_weight=keep)
+        out = _grouped(x, bases, a, b, fp8=setting, keep_weight=keep)
         calls.clear()
         out.pow(2).sum().backward()
         assert len(calls) == (0 if keep else 1)
@@ -113,6 +123,10 @@ def test_group_keeps_its_weight_for_the_backward_of_a_replay(fp8, monkeypatch):
             t.grad = None
     for ref, got in zip(*results):
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    if fp8 == "backward":  # and the replay's forward differs from the 16-bit one exactly when it runs in FP8
+        x = torch.randn(2, 3, IN, generator=torch.Generator().manual_seed(1))
+        sixteen = _grouped(x, bases, a, b, fp8=False)
+        assert torch.equal(results[1][0], sixteen) is not replay
 
 
 def test_stacked_16bit_weights_are_read_as_one_view():

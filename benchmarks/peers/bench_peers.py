@@ -14,7 +14,8 @@ loraforge_ck18); `_gqarep` repeats K/V heads before the varlen kernel instead of
 `auto`: `backward` on Hopper); `_adamfused` sets `optim: adamw_torch_fused`;
 `_denserep` repeats K/V heads for SDPA instead of passing them grouped (`enable_gqa=True`, the default); `_fullreplay` replays
 every GEMM of a checkpointed layer (down_proj's unread one included); `_ungrouped` projects q/k/v and gate/up each on
-its own instead of as one group (one GEMM over their stacked weights).
+its own instead of as one group (one GEMM over their stacked weights); `_noreplay8` runs a replayed layer's forward
+GEMMs in 16 bits under `fp8: backward` (the default runs them in FP8, as its input gradients).
 `--profile DIR` profiles one extra step per worker and writes where its GPU time went (by kernel kind).
 `--seqs 16384,24576,32768 --cap-gib 24` runs each worker at batch 1 at each length under a 24 GiB cap
 (`torch.cuda.set_per_process_memory_fraction`): the longest that trains is the one to compare.
@@ -203,6 +204,10 @@ def worker_loraforge(kind: str, path: str, seq: int, bs: int, steps: int, warmup
         from loraforge.models.fast import modules
 
         modules.GROUPED["on"] = False
+    if "_noreplay8" in kind:  # the A/B of FP8 replays: under fp8 backward, a replayed layer's forward GEMMs in 16 bits
+        from loraforge.kernels import fp8
+
+        fp8.REPLAY["on"] = False
     if "_denserep" in kind:  # the A/B of SDPA with grouped K/V heads (enable_gqa, the default): repeat them
         from loraforge.kernels import varlen_attention
 

@@ -1,7 +1,8 @@
 """FP8 (e4m3) matmuls for the frozen base weight of a LoRA projection (``fp8: true``).
 
 Only the two GEMMs that involve the frozen base weight run in FP8: the forward ``x W^T`` and the input gradient
-``dY W``. The adapters, norms, attention, the loss and every gradient that trains something stay in 16 bits.
+``dY W``. ``fp8: backward`` (what ``auto`` picks on Hopper) keeps the forward pass 16-bit and runs in FP8 only what
+backward computes: the input gradients, and the forward GEMMs of a checkpointed layer replayed for its backward. The adapters, norms, attention, the loss and every gradient that trains something stay in 16 bits.
 
 - Activations (``x``, ``dY``) are scaled per row (per token): ``scale = amax(row) / 448``.
 - The frozen weight has one scale, from its largest magnitude, measured once. The 4/8-bit weight is dequantized
@@ -26,6 +27,19 @@ from loraforge.kernels._triton import cdiv, jit, next_power_of_2, tl
 E4M3 = getattr(torch, "float8_e4m3fn", None)
 E4M3_MAX = 448.0
 _TINY = 1e-12
+
+
+#: whether ``fp8: backward`` also runs the forward GEMMs of a layer replayed inside backward in FP8 (see
+#: :func:`replays_in_fp8`); the benchmarks' A/B switch
+REPLAY = {"on": True}
+
+
+def replays_in_fp8(fp8: bool | str, replay: bool) -> bool:
+    """Whether a projection's forward GEMM runs in FP8: always with ``fp8: true``; with ``fp8: backward`` when the
+    forward is a checkpointed layer's replay inside backward (``replay``). The replay's outputs are never the
+    loss: they only feed the layer's gradients, which ``backward`` already computes in FP8, while the forward
+    pass that gives the loss stays 16-bit."""
+    return fp8 is True or (fp8 == "backward" and replay and REPLAY["on"])
 
 
 def fp8_supported(device: torch.device) -> bool:
@@ -199,13 +213,16 @@ class _LastRows:
 LAST_ROWS = _LastRows()
 
 
-def fp8_forward(x: torch.Tensor, x2: torch.Tensor, base_layer: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+def fp8_forward(x: torch.Tensor, x2: torch.Tensor, base_layer: torch.nn.Module, dtype: torch.dtype,
+                weight: torch.Tensor | None = None, fast: bool = True) -> torch.Tensor:
     """``x2 @ W^T`` through FP8 (``x`` is the tensor ``x2`` was reshaped from: the key of the shared
-    quantization)."""
+    quantization); ``weight``: the weight in ``dtype`` when the caller already holds it; ``fast``: the GEMM's fast
+    accumulation (the forward of ``fp8: true``; a replay for ``fp8: backward`` accumulates exactly)."""
     scale = weight_scale(base_layer, dtype)
     xq, xs = LAST_ROWS.get(x, x2)
-    w8 = fp8_weight(base_layer, dtype, scale)  # [out, in]; .t() is the column-major [in, out] operand
-    return scaled_mm(xq, xs, w8.t(), _scale_vector(base_layer, scale, w8.shape[0]), dtype, fast=True)
+    # [out, in]; .t() is the column-major [in, out] operand
+    w8 = fp8_weight(base_layer, dtype, scale) if weight is None else cast_weight(weight, scale)
+    return scaled_mm(xq, xs, w8.t(), _scale_vector(base_layer, scale, w8.shape[0]), dtype, fast=fast)
 
 
 def fp8_input_grad(dy: torch.Tensor, base_layer: torch.nn.Module, dtype: torch.dtype,

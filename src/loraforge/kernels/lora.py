@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .dequant import dequantize_4bit, direct_ok
+from .fp8 import replays_in_fp8
 
 
 def dequantize_weight(base_layer: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -110,23 +111,25 @@ class LoraLinearFunction(torch.autograd.Function):
         fp8 = fp8 if fp8 and _fp8_ok(base_layer, x2, dtype) else False
         if unused_output:  # a replayed forward whose output nobody reads: no base GEMM, no dequantization
             out = x2.new_zeros((x2.shape[0], lora_b.shape[0]))
-        elif fp8 is True:  # (with fp8 "backward" the forward GEMM stays 16-bit; only the input gradient is FP8)
-            from .fp8 import fp8_forward
-
-            out = fp8_forward(x, x2, base_layer, dtype)
-            bias = _bias(base_layer, dtype)
-            if bias is not None:
-                out.add_(bias)
         else:
             weight = dequantize_weight(base_layer, dtype)
-            out = F.linear(x2, weight, _bias(base_layer, dtype))
+            if fp8 and replays_in_fp8(fp8, keep_weight):  # fp8 true; or fp8 "backward" replaying for backward
+                from .fp8 import fp8_forward
+
+                out = fp8_forward(x, x2, base_layer, dtype, weight, fast=fp8 is True)
+                bias = _bias(base_layer, dtype)
+                if bias is not None:
+                    out.add_(bias)
+            else:
+                out = F.linear(x2, weight, _bias(base_layer, dtype))
             if keep_weight:  # the backward comes next: hand it this weight instead of dequantizing again
-                if fp8 == "backward":
+                if fp8:
                     from .fp8 import cast_weight, weight_scale
 
                     ctx.kept = cast_weight(weight, weight_scale(base_layer, dtype), transpose=True)
                 else:
                     ctx.kept = weight
+            del weight
         xa = xd2 @ a.t()  # [N, r], kept for dB
         if not unused_output:
             out.addmm_(xa, b.t(), alpha=scaling)
@@ -185,8 +188,8 @@ def lora_linear(x: torch.Tensor, base_layer: torch.nn.Module, lora_a: torch.Tens
                 scaling: float, dropout: torch.nn.Module | None = None, fp8: bool | str = False,
                 unused_output: bool = False, keep_weight: bool = False) -> torch.Tensor:
     """``base_layer(x) + scaling * lora_B(lora_A(dropout(x)))`` in one autograd node; with ``fp8=True`` the two GEMMs
-    with the frozen weight run in FP8, with ``fp8="backward"`` only the input-gradient one (see
-    :mod:`loraforge.kernels.fp8`).
+    with the frozen weight run in FP8, with ``fp8="backward"`` those that backward runs: the input gradient's, and
+    the forward's when it is a replay for backward (``keep_weight``); see :mod:`loraforge.kernels.fp8`.
 
     ``unused_output=True`` is for a forward replayed inside backward whose result only roots the backward and is
     never read: the output is zeros of the right shape (no base GEMM, no dequantization), while everything the
@@ -326,10 +329,11 @@ class LoraGroupFunction(torch.autograd.Function):
             from .fp8 import LAST_ROWS, cast_weight, scale_vector, scaled_mm
 
             scale, vectors = group_fp8_scale(group.bases, dtype)
-        if fp8 is True:
+        if fp8 and replays_in_fp8(fp8, keep_weight):  # fp8 true; or fp8 "backward" replaying for backward
             xq, xs = LAST_ROWS.get(x, x2)
             w8 = cast_weight(weight, scale)
-            out = scaled_mm(xq, xs, w8.t(), scale_vector(vectors, scale, w8.shape[0]), dtype, fast=True)
+            out = scaled_mm(xq, xs, w8.t(), scale_vector(vectors, scale, w8.shape[0]), dtype, fast=fp8 is True)
+            del w8
             bias = _group_bias(group.bases, dtype)
             if bias is not None:
                 out.add_(bias)
