@@ -56,7 +56,7 @@ def test_trainable_counts():
 
 
 def test_full_finetuning_peaks_at_the_optimizer_step():
-    b = estimate_memory(Scenario(arch=ARCH["qwen3-0.6b"], method="full", seq_len=512))
+    b = estimate_memory(Scenario(arch=ARCH["qwen3-0.6b"], method="full", seq_len=512, optim="adamw_torch"))
     assert b.phase == "optimizer step"
     n = 596_049_920
     assert b.adapter == 4 * n and b.gradients == 4 * n and b.optimizer == 8 * n  # fp32 master, grads, Adam
@@ -177,3 +177,13 @@ def test_scenario_validation_names_the_problem():
         Scenario(arch=QWEN8B, optim="adamx")
     with pytest.raises(ConfigError, match="unknown GPU 'GTX480'"):
         find_gpu("GTX480")
+
+
+def test_the_estimators_default_optimizer_is_the_trainings():
+    """The estimator (which does not import transformers) assumes the optimizer `loraforge train` runs by default."""
+    from loraforge.config import TrainingArguments
+    from loraforge.config.training import DEFAULT_OPTIM
+    from loraforge.estimate.scenario import DEFAULT_OPTIM as ESTIMATED, Scenario
+
+    assert ESTIMATED == DEFAULT_OPTIM == TrainingArguments.__dataclass_fields__["optim"].default
+    assert Scenario.__dataclass_fields__["optim"].default == DEFAULT_OPTIM

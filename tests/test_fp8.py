@@ -185,7 +185,8 @@ def test_fp8_auto_is_backward_on_hopper_in_bf16_and_off_elsewhere(monkeypatch, t
     assert hopper.fp8 == "backward" and hopper.fp8_auto
     from loraforge.models.fast import FastPath
 
-    assert "FP8 input-gradient matmuls of the base weights (fp8: auto" in FastPath(hopper, swapped={"MLP": 1}).summary()
+    summary = FastPath(hopper, swapped={"MLP": 1}).summary()
+    assert "FP8 base-weight matmuls in backward (input gradients, replayed layers) (fp8: auto" in summary
     assert plan().fp8 is False  # CPU
     assert plan((8, 9)).fp8 is False  # Ada: no error, unlike an explicit `fp8: backward`
     assert plan((9, 0), bf16=False, fp16=True).fp8 is False

@@ -131,3 +131,68 @@ def test_nan_inf_filter_runs_on_the_device_as_the_trainer_runs_it(tmp_path, monk
     assert not trainer.args.logging_nan_inf_filter  # applied by training_step from now on
     assert not bool(trainer.guard._loss_ok)  # the step will be skipped
     assert trainer.training_step(trainer.model, {"input_ids": torch.ones(1, 2, dtype=torch.long)}).item() == 1.5
+
+
+def _adam_run(guarded: bool, steps: list[str], skip_steps: tuple[int, ...] = ()):
+    """AdamW (fused) over one parameter for ``steps`` ("ok" or "nan" losses); with ``guarded`` the guard decides,
+    else the steps in ``skip_steps`` are simply not taken (the reference of an exact skip)."""
+    from types import SimpleNamespace
+
+    param = torch.nn.Parameter(torch.linspace(-1, 1, 6))
+    model = torch.nn.Module()
+    model.p = param
+    opt = torch.optim.AdamW([param], lr=0.1, weight_decay=0.1, fused=True)
+    guard = NonFiniteGuard(max_consecutive=3, uses_grad_scaler=False)
+    for step, kind in enumerate(steps):
+        param.grad = torch.full_like(param, float("nan")) if kind == "nan" else torch.cos(param.detach() * (step + 1))
+        if guarded:
+            guard.note_loss(torch.tensor(float("nan") if kind == "nan" else 1.0))
+            guard.note_grad_norm(torch.linalg.vector_norm(param.grad))
+            guard.on_pre_optimizer_step(None, SimpleNamespace(global_step=step), None, model=model, optimizer=opt)
+            assert param.grad is not None  # nothing read back: the optimizer's own kernel skips
+            opt.step()
+        elif step not in skip_steps:
+            opt.step()
+    return guard, param, opt
+
+
+def test_guard_skips_on_the_device_with_an_optimizer_that_takes_found_inf():
+    """With fused AdamW the guard hands the flag to the optimizer (``found_inf``): a non-finite step leaves the
+    weights, the moments and the step count exactly as if it had not run, and it is counted one step later
+    without a host sync before the step."""
+    steps = ["ok", "nan", "ok", "ok"]
+    guard, param, opt = _adam_run(True, steps)
+    _, ref, ref_opt = _adam_run(False, steps, skip_steps=(1,))
+    assert torch.equal(param.detach(), ref.detach())
+    state, ref_state = opt.state[param], ref_opt.state[ref]
+    assert all(torch.equal(state[k], ref_state[k]) for k in ("exp_avg", "exp_avg_sq", "step"))
+    assert float(state["step"]) == 3
+    guard.on_train_end(None, None, None)
+    assert guard.total_skipped == 1 and guard.skipped_steps == [2] and not hasattr(opt, "found_inf")
+
+
+def test_guard_on_the_device_counts_late_and_still_stops_after_consecutive_skips():
+    from types import SimpleNamespace
+
+    import pytest
+
+    from loraforge.errors import TrainingError
+
+    guard, _, _ = _adam_run(True, ["ok", "nan"])
+    assert guard.total_skipped == 0  # step 2's flag is read at the next step (or log, or the end)
+    guard.on_log(None, None, None)
+    assert guard.total_skipped == 1
+    with pytest.raises(TrainingError, match="3 consecutive steps .steps 1, 2, 3."):
+        _adam_run(True, ["nan", "nan", "nan", "ok"])
+    guard, param, opt = _adam_run(True, ["nan", "nan", "nan"])  # the third comes to light at the end
+    with pytest.raises(TrainingError, match="3 consecutive"):
+        guard.on_train_end(None, None, None)
+    # an optimizer without found_inf (foreach AdamW): the flag is read before the step, the gradients dropped
+    holder = torch.nn.Module()
+    holder.p = param
+    plain = torch.optim.AdamW([param], lr=0.1, foreach=True)
+    guard = NonFiniteGuard(3, uses_grad_scaler=False)
+    param.grad = torch.ones_like(param)
+    guard.note_loss(torch.tensor(float("nan")))
+    guard.on_pre_optimizer_step(None, SimpleNamespace(global_step=0), None, model=holder, optimizer=plain)
+    assert guard.total_skipped == 1 and param.grad is None and not hasattr(plain, "found_inf")

@@ -11,7 +11,8 @@ Workers: loraforge, loraforge_std (fast_path: off), hf, unsloth; `_nogc` turns c
 `_ckauto` sets `checkpoint_layers: auto` and `_ck<N>` `checkpoint_layers: N` (e.g. loraforge_ckauto,
 loraforge_ck18); `_gqarep` repeats K/V heads before the varlen kernel instead of sharing them (the GQA lever's A/B);
 `_fp8` sets `fp8: true` (FP8 base-weight matmuls), `_fp8bwd` `fp8: backward`, `_nofp8` `fp8: false` (the default is
-`auto`: `backward` on Hopper); `_adamfused` sets `optim: adamw_torch_fused`;
+`auto`: `backward` on Hopper); `_adamtorch` sets `optim: adamw_torch` (foreach AdamW; the default is
+`adamw_torch_fused`, whose step takes the non-finite guard's flag on the device);
 `_denserep` repeats K/V heads for SDPA instead of passing them grouped (`enable_gqa=True`, the default); `_fullreplay` replays
 every GEMM of a checkpointed layer (down_proj's unread one included); `_ungrouped` projects q/k/v and gate/up each on
 its own instead of as one group (one GEMM over their stacked weights); `_noreplay8` runs a replayed layer's forward
@@ -178,7 +179,7 @@ def worker_loraforge(kind: str, path: str, seq: int, bs: int, steps: int, warmup
            "max_steps": warmup + steps + (2 if profile else 0), "logging_steps": 1, "save_strategy": "no",
            "learning_rate": 2e-4,
            "lr_scheduler_type": "constant", "warmup_steps": 0, "bf16": True, "lora_rank": 16, "lora_alpha": 16,
-           "lora_target": "all", "optim": "adamw_torch", "report_to": "none", "plot_loss": False,
+           "lora_target": "all", "report_to": "none", "plot_loss": False,
            "dataloader_num_workers": 0}
     if not lora16:
         cfg["quantization_bit"] = 4
@@ -190,8 +191,8 @@ def worker_loraforge(kind: str, path: str, seq: int, bs: int, steps: int, warmup
         cfg["fp8"] = False
     elif "_fp8" in kind:
         cfg["fp8"] = "backward" if "_fp8bwd" in kind else True
-    if "_adamfused" in kind:  # transformers' own default optimizer on torch 2.8+ (one fused kernel per group)
-        cfg["optim"] = "adamw_torch_fused"
+    if "_adamtorch" in kind:  # the A/B of the default optimizer (adamw_torch_fused, transformers' own on torch 2.8+,
+        cfg["optim"] = "adamw_torch"  # whose step skips a non-finite update on the device): foreach AdamW
     if "_gqarep" in kind:  # the A/B of the GQA lever: K/V heads repeated before the varlen kernel
         from loraforge.kernels import varlen_attention
 

@@ -43,9 +43,10 @@ class FinetuningArguments:
                          ("auto", "on", "off"))
     fp8: Union[bool, str] = arg(
         "auto", "FP8 (e4m3) matmuls for the frozen base weights on the fast path (Hopper GPUs or newer), with "
-        "per-token scales: `backward` runs only the input-gradient GEMM of each LoRA projection in FP8 (the forward "
-        "and the loss stay 16-bit; the loss within 0.1% of 16-bit), `true` the forward GEMM too (fastest; the loss "
-        "runs ~1% higher on real weights), `false` none. `auto` is `backward` where it can run (the fast path, bf16, "
+        "per-token scales: `backward` runs in FP8 what backward computes with them (each LoRA projection's "
+        "input-gradient GEMM, and the forward GEMMs of a checkpointed layer replayed for its backward), while the "
+        "forward pass and the loss stay 16-bit (the loss within 0.1% of 16-bit); `true` the forward pass's GEMMs too "
+        "(the loss runs ~1% higher on real weights), `false` none. `auto` is `backward` where it can run (the fast path, bf16, "
         "a GPU of compute capability 9.0+) and `false` elsewhere. Adapters, norms, attention, the loss and "
         "evaluation stay 16-bit.")
     # how the samples of one optimizer step are run
@@ -60,7 +61,8 @@ class FinetuningArguments:
 
 
 def fp8_setting(value: Union[bool, str, None]) -> Union[bool, str]:
-    """``fp8`` as False, True (forward and input-gradient GEMMs), ``"backward"`` (the input-gradient GEMM only) or
+    """``fp8`` as False, True (forward and input-gradient GEMMs), ``"backward"`` (the GEMMs backward runs: input
+    gradients, and a checkpointed layer's replay) or
     ``"auto"`` (``backward`` where it can run). Raises ValueError with the accepted forms."""
     if value is None or isinstance(value, bool):
         return bool(value)
@@ -71,7 +73,7 @@ def fp8_setting(value: Union[bool, str, None]) -> Union[bool, str]:
         return False
     if text in ("backward", "auto"):
         return text
-    raise ValueError(f"`fp8` must be auto, true, false or backward (FP8 only for the input-gradient matmul), "
+    raise ValueError(f"`fp8` must be auto, true, false or backward (FP8 only for the matmuls backward runs), "
                      f"got {value!r}")
 
 

@@ -17,6 +17,10 @@ if TYPE_CHECKING:
 DEEPSPEED_SHORT_NAMES = ("z0", "z2", "z2_offload", "z3", "z3_offload")
 
 
+#: transformers' own default on torch 2.8+ (and so LLaMA-Factory's); fused AdamW runs on CUDA and on the CPU
+DEFAULT_OPTIM = "adamw_torch_fused"
+
+
 @dataclass
 class TrainingArguments(Seq2SeqTrainingArguments):
     """Hugging Face ``Seq2SeqTrainingArguments`` with loraforge defaults and LLaMA-Factory's legacy keys.
@@ -26,7 +30,9 @@ class TrainingArguments(Seq2SeqTrainingArguments):
     """
 
     output_dir: Optional[str] = arg("saves/run", "Where the adapter/model, logs, plots and checkpoints are written.")
-    optim: str = arg("adamw_torch", "Optimizer: adamw_torch, adamw_torch_fused, adamw_8bit, paged_adamw_8bit, "
+    optim: str = arg(DEFAULT_OPTIM, "Optimizer: adamw_torch_fused (the default, as in transformers on torch 2.8+: "
+                     "torch's AdamW in one fused kernel, which also lets the non-finite guard skip a step without a "
+                     "host sync), adamw_torch (the same AdamW, foreach kernels), adamw_8bit, paged_adamw_8bit, "
                      "paged_adamw_32bit, sgd, adafactor, ... (any transformers OptimizerNames value).")
     overwrite_output_dir: bool = arg(False, "Start over in an output_dir that already holds checkpoints "
                                      "(otherwise loraforge stops, or resumes when resume_from_checkpoint is set).")
@@ -75,8 +81,6 @@ def adjust_training_values(cfg: "RunConfig", values: dict[str, Any]) -> dict[str
             if values.get(key):
                 cfg.notes.append(f"no CUDA GPU: `{key}: true` turned off, training runs in fp32 on the CPU")
                 values[key] = False
-        if values.get("optim", "adamw_torch") in ("adamw_torch_fused",):
-            values["optim"] = "adamw_torch"
         values["use_cpu"] = True
     values.setdefault("remove_unused_columns", False)
     values.setdefault("label_names", ["labels"])

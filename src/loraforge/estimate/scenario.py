@@ -30,6 +30,10 @@ class OptimizerSpec:
     paged: bool = False  # states in CUDA managed memory: pageable to host RAM, not counted as allocated
 
 
+#: ``optim``'s default in loraforge's config (``config.training.DEFAULT_OPTIM``; kept here too, because the estimator
+#: does not import transformers; a test holds the two equal)
+DEFAULT_OPTIM = "adamw_torch_fused"
+
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adamw_torch": OptimizerSpec(2, None, 1),
     "adamw_torch_fused": OptimizerSpec(2, None, 0),
@@ -79,7 +83,7 @@ class Scenario:
     seq_len: int = 2048
     grad_accum: int = 1
     gradient_checkpointing: bool = True
-    optim: str = "adamw_torch"
+    optim: str = DEFAULT_OPTIM
     precision: str = "bf16"
     num_gpus: int = 1
     zero_stage: int = 0
@@ -204,7 +208,7 @@ def scenario_from_config(cfg: "RunConfig", *, num_gpus: int | None = None) -> Sc
         arch=arch, method=method, lora_rank=f.lora_rank, lora_targets=targets,
         freeze_layers=abs(f.freeze_trainable_layers), batch_size=int(x.get("per_device_train_batch_size", 8)),
         seq_len=d.cutoff_len, grad_accum=int(x.get("gradient_accumulation_steps", 1)),
-        gradient_checkpointing=checkpointing, optim=str(x.get("optim", "adamw_torch")), precision=precision,
+        gradient_checkpointing=checkpointing, optim=str(x.get("optim", DEFAULT_OPTIM)), precision=precision,
         num_gpus=gpus, zero_stage=stage, offload_optimizer=off_opt, offload_params=off_par,
         double_quant=m.double_quantization, upcast_norms=True if m.upcast_layernorm else None, fast_path=fast,
         fused_loss=covered, kept_layers=_kept_layers(m, arch.num_layers, checkpointing),

@@ -201,10 +201,19 @@ class NonFiniteGuard(TrainerCallback):
     """Skip optimizer updates whose loss or gradient norm is not finite; stop after several in a row.
 
     The trainer hands over every micro-batch loss (``note_loss``); their finiteness is folded into one flag on
-    the device, so the check costs one host sync per optimizer step, not one per micro-batch. Before the
-    optimizer step, the gradients of trainable parameters are dropped when a loss or a gradient was not finite,
-    so the optimizer leaves the weights alone. With fp16 loss scaling an inf gradient is normal (the scaler
-    skips the step and lowers the scale), so only a non-finite loss counts there.
+    the device. How a step is skipped depends on the optimizer:
+
+    - An optimizer that takes a skip flag on the device (torch's fused Adam/AdamW/SGD, ``optim:
+      adamw_torch_fused``, the default: ``_step_supports_amp_scaling``) gets it as ``found_inf``, the attribute
+      its step reads for loss scaling: the update of a non-finite step is skipped by its own kernel (weights,
+      moments and step counts untouched), with no host sync. The flag is copied to the host in the background
+      and read at the next step (or log, or the end of training): the count, the warning and the stop after
+      ``max_consecutive`` come one step later.
+    - Any other optimizer: the flag is read before the step (one host sync per optimizer step), and the
+      gradients of trainable parameters are dropped when it is set, so the optimizer leaves the weights alone.
+
+    With fp16 loss scaling an inf gradient is normal (the scaler skips the step and lowers the scale, and owns
+    ``found_inf``), so only a non-finite loss counts there, read before the step.
     """
 
     def __init__(self, max_consecutive: int, uses_grad_scaler: bool):
@@ -215,6 +224,8 @@ class NonFiniteGuard(TrainerCallback):
         self.skipped_steps: list[int] = []
         self._loss_ok: torch.Tensor | bool = True
         self._grad_norm: torch.Tensor | None = None
+        self._pending: list[tuple[int, torch.Tensor, object]] = []  # (step, "skipped" flag, its copy's event)
+        self._flagged: object = None  # the optimizer whose found_inf the guard sets
 
     def note_loss(self, loss: torch.Tensor) -> None:
         """Fold one micro-batch loss into the step's finiteness flag (it stays on the device: no sync)."""
@@ -233,27 +244,81 @@ class NonFiniteGuard(TrainerCallback):
         norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
         return torch.isfinite(torch.stack([n.float() for n in norms]).sum())
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+    def _skip_target(self, optimizer) -> torch.optim.Optimizer | None:
+        """The torch optimizer (under accelerate's wrapper) when its step takes ``found_inf``; else None."""
+        if self.uses_grad_scaler or type(optimizer).__name__ == "DeepSpeedOptimizerWrapper":
+            return None  # the scaler owns found_inf; DeepSpeed steps inside its engine
+        inner = optimizer if isinstance(optimizer, torch.optim.Optimizer) else getattr(optimizer, "optimizer", None)
+        if isinstance(inner, torch.optim.Optimizer) and getattr(inner, "_step_supports_amp_scaling", False):
+            return inner
+        return None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         ok, norm = self._loss_ok, self._grad_norm
         self._grad_norm = None
+        self._loss_ok = True
         if not self.uses_grad_scaler and model is not None:
             ok = (torch.isfinite(norm) if isinstance(norm, torch.Tensor) else self._grads_finite(model)) & ok
-        bad = not bool(ok)  # the one host sync of the step
         step = state.global_step + 1
-        self._loss_ok = True
+        self._settle(wait=False)
+        target = self._skip_target(optimizer)
+        if target is not None:
+            target.__dict__.pop("found_inf", None)  # last step's flag
+        if target is not None and isinstance(ok, torch.Tensor):
+            skipped = ~ok.reshape(())
+            target.found_inf = skipped.float()  # the fused kernel skips the update on the device
+            self._flagged = target
+            if skipped.is_cuda:
+                flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+                flag.copy_(skipped, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            else:
+                flag, event = skipped, None
+            self._pending.append((step, flag, event))
+            return
+        bad = not bool(ok)  # the one host sync of the step
+        if bad:
+            for p in model.parameters():
+                p.grad = None  # the optimizer skips parameters without gradients
+        self._record(step, bad)
+
+    def _settle(self, wait: bool) -> None:
+        """Count the steps whose flag has reached the host (all of them with ``wait``)."""
+        while self._pending:
+            step, flag, event = self._pending[0]
+            if event is not None:
+                if not wait and not event.query():
+                    return
+                event.synchronize()
+            self._pending.pop(0)
+            self._record(step, bool(flag))
+
+    def _record(self, step: int, bad: bool) -> None:
         if not bad:
             self.consecutive = 0
             return
         self.total_skipped += 1
         self.consecutive += 1
         self.skipped_steps.append(step)
-        for p in model.parameters():
-            p.grad = None  # the optimizer skips parameters without gradients
         logger.warning("step %d: non-finite loss or gradient norm, update skipped (%d skipped so far)",
                        step, self.total_skipped)
         if self.consecutive >= self.max_consecutive:
+            self._pending.clear()
             raise TrainingError(
                 f"the loss or gradient norm was non-finite at {self.consecutive} consecutive steps "
                 f"(steps {', '.join(map(str, self.skipped_steps[-self.consecutive:]))}); training stopped",
                 hint="lower learning_rate, use bf16 instead of fp16, check the data for empty or huge samples, "
                 "or resume from the last checkpoint (resume_from_checkpoint: true)")
+
+    def on_log(self, args, state, control, **kwargs):
+        self._settle(wait=False)  # the Trainer has just read the loss: the flags before it are on the host
+
+    def on_save(self, args, state, control, **kwargs):
+        self._settle(wait=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        target, self._flagged = self._flagged, None
+        if target is not None:
+            target.__dict__.pop("found_inf", None)  # the optimizer steps normally outside this run
+        self._settle(wait=True)
