@@ -322,7 +322,7 @@ def test_fp8_backward_mode_through_the_fast_path_and_the_config(tmp_path):
         loss.backward()
         runs[fp8] = (loss.item(), lora_grads(model), fast.summary())
         fast.restore()
-    assert "FP8 input-gradient matmuls" in runs["backward"][2]
+    assert "FP8 base-weight matmuls in backward" in runs["backward"][2]
     assert runs["backward"][0] == runs[False][0] != runs[True][0]  # the forward of `backward` is the 16-bit one
     assert any(not torch.equal(runs["backward"][1][k], runs[False][1][k]) for k in runs[False][1])
     path = tmp_path / "c.yaml"
