@@ -192,17 +192,14 @@ def test_restore_gives_the_standard_modules_back():
     assert out.shape == (1, 8)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_quantized_base_matches(bits):
-    """QLoRA: the fused function dequantizes the same bitsandbytes weights peft's layers use."""
-    pytest.importorskip("bitsandbytes")
+def _quantized_tiny_qwen3(bits: int):
+    """A tiny random Qwen3 loaded through bitsandbytes (4-bit nf4 + double quantization, or LLM.int8) on the CPU."""
+    import tempfile
+
     import transformers
-    from peft import LoraConfig, get_peft_model
 
     config = transformers.Qwen3Config(**SIZES, head_dim=16)
     torch.manual_seed(0)
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
         q = (transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -212,6 +209,19 @@ def test_quantized_base_matches(bits):
                                                                  attn_implementation="sdpa", device_map={"": "cpu"})
     for p in base.parameters():
         p.requires_grad_(False)
+    return base
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_base_matches(bits):
+    """QLoRA: the fused function dequantizes the same bitsandbytes weights peft's layers use."""
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+
+    from loraforge.models.quantization import keep_loaded_layout
+
+    base = _quantized_tiny_qwen3(bits)
+    keep_loaded_layout(base)  # as loraforge's loader does for training: bitsandbytes' layers compute as loaded
     std = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
     ids = torch.randint(0, 256, (2, 12))
     ref = standard_loss(std, ids, ids)
@@ -229,6 +239,40 @@ def test_quantized_base_matches(bits):
     assert abs(got.item() - ref.item()) <= 1e-3 * abs(ref.item())
     for name, grad in ref_grads.items():
         assert _close(lora_grads(std)[name], grad, rel=1e-3), name
+
+
+def test_training_keeps_the_loaded_4bit_layout():
+    """An evaluation between training steps (eval mode, no gradients) must not change the 4-bit base weights: on
+    CPUs with AVX512-BF16 bitsandbytes repacks them for its CPU kernel there (block scales rounded to bf16). The
+    training loader keeps the loaded layout; a repacked weight is refused by the fast path, never misread."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from loraforge.errors import ModelLoadError
+    from loraforge.kernels.lora import dequantize_weight
+    from loraforge.models.quantization import prepare_for_kbit_training
+
+    ids = torch.randint(0, 256, (1, 8))
+    model = _quantized_tiny_qwen3(4)
+    prepare_for_kbit_training(model, gradient_checkpointing=False, use_reentrant=False, upcast=False)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    before = [dequantize_weight(m, torch.float32).clone() for m in layers]
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    for m, w in zip(layers, before):
+        assert torch.equal(dequantize_weight(m, torch.float32), w)
+
+    from bitsandbytes.functional import has_avx512bf16
+
+    if not has_avx512bf16():
+        return  # bitsandbytes never repacks on this CPU: nothing more to show
+    # a layer not prepared for training runs bitsandbytes' inference default (one square layer: the repacking
+    # fails on this tiny model's 96-wide down_proj)
+    q_proj = _quantized_tiny_qwen3(4).model.layers[0].self_attn.q_proj.eval()
+    with torch.no_grad():
+        q_proj(torch.randn(2, q_proj.in_features))
+    with pytest.raises(ModelLoadError, match="repacked"):
+        dequantize_weight(q_proj, torch.float32)
 
 
 @pytest.mark.parametrize("kind", ["plain", "bias", "4bit", "8bit"])

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from loraforge.errors import ModelLoadError
 from .dequant import dequantize_4bit, direct_ok
 from .fp8 import replays_in_fp8
 
@@ -27,6 +28,12 @@ def dequantize_weight(base_layer: torch.nn.Module, dtype: torch.dtype) -> torch.
     """The [out, in] weight of ``base_layer`` in ``dtype`` (a view when it is already a plain tensor)."""
     weight = base_layer.weight
     kind = type(weight).__name__
+    if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+        raise ModelLoadError(
+            "a 4-bit base weight was repacked by bitsandbytes for its CPU inference kernel (an eval-mode forward "
+            "without gradients on a CPU with AVX512-BF16): its bytes no longer have the layout the fast path "
+            "dequantizes", hint="load the model for training with loraforge's loader (it keeps the loaded layout), "
+            "or set fast_path: off")
     if kind == "Params4bit" and direct_ok(weight, dtype):  # bitsandbytes' kernels, less host work per call
         return dequantize_4bit(weight, dtype)
     if kind in ("Params4bit", "Int8Params"):

@@ -112,11 +112,29 @@ def prepare_for_kbit_training(model: Any, *, gradient_checkpointing: bool, use_r
     """
     for param in model.parameters():
         param.requires_grad_(False)
+    keep_loaded_layout(model)
     if upcast:  # the fast path's fused RMSNorm computes in fp32 internally and keeps the weights 16-bit
         upcast_norms(model)
     if gradient_checkpointing:
         enable_checkpointing(model, use_reentrant=use_reentrant)
         model.enable_input_require_grads()
+
+
+def keep_loaded_layout(model: Any) -> int:
+    """Keep every 4-bit weight in the layout it was loaded in, for as long as the model trains.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place for its bf16 CPU kernel the first time
+    the layer runs in eval mode on an input without gradients (an evaluation between training steps, for one),
+    and rounds the weight's block scales to bf16 on the way. Anything that dequantizes the weight afterwards (the
+    fast path, a merge) would read the repacked bytes as the old layout, and the training would go on with other
+    base weights than it loaded. The switch is the layer's own attribute (``support_avx512bf16_for_cpu``);
+    inference commands keep bitsandbytes' default. Returns how many layers were switched."""
+    count = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
 
 
 def enable_checkpointing(model: Any, *, use_reentrant: bool) -> None:
