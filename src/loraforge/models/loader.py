@@ -16,7 +16,8 @@ from ..errors import ModelLoadError
 from .adapters import setup_finetuning, split_names
 from .hub import resolve_model_path, short_error
 from .quantization import (
-    build_quantization_config, enable_checkpointing, prepare_for_kbit_training, quiet_bitsandbytes_logs, upcast_norms,
+    build_quantization_config, enable_checkpointing, keep_loaded_layout, prepare_for_kbit_training,
+    quiet_bitsandbytes_logs, upcast_norms,
 )
 from .summary import ModelSummary, summarize_model
 
@@ -234,6 +235,7 @@ def load_model(cfg: "RunConfig", tokenizer: Any, *, is_trainable: bool, fast_pat
         else:
             quant = build_quantization_config(m, dtype, zero3_or_fsdp=_sharded_training())
     model = _load_weights(path, config, cfg, dtype, quant, _sharded_training())
+    keep_loaded_layout(model)  # training, evaluation, chat and merges all read the weights as loaded
 
     new_token_ids = _new_token_ids(tokenizer, m)
     rows = model.get_input_embeddings().weight.shape[0]

@@ -121,14 +121,15 @@ def prepare_for_kbit_training(model: Any, *, gradient_checkpointing: bool, use_r
 
 
 def keep_loaded_layout(model: Any) -> int:
-    """Keep every 4-bit weight in the layout it was loaded in, for as long as the model trains.
+    """Keep every 4-bit weight in the layout it was loaded in (every loraforge load, and k-bit training).
 
     On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place for its bf16 CPU kernel the first time
-    the layer runs in eval mode on an input without gradients (an evaluation between training steps, for one),
-    and rounds the weight's block scales to bf16 on the way. Anything that dequantizes the weight afterwards (the
-    fast path, a merge) would read the repacked bytes as the old layout, and the training would go on with other
-    base weights than it loaded. The switch is the layer's own attribute (``support_avx512bf16_for_cpu``);
-    inference commands keep bitsandbytes' default. Returns how many layers were switched."""
+    the layer runs in eval mode on an input without gradients (an evaluation between training steps, a chat
+    turn), and rounds the weight's block scales to bf16 on the way. Anything that dequantizes the weight
+    afterwards (the fast path, a merge) would read the repacked bytes as the old layout, a training would go on
+    with other base weights than it loaded, and the same adapter would give other outputs in ``predict`` than in
+    training's evaluation. The switch is the layer's own attribute (``support_avx512bf16_for_cpu``); the price is
+    bitsandbytes' faster bf16 kernel for 4-bit inference on such CPUs. Returns how many layers were switched."""
     count = 0
     for module in model.modules():
         if getattr(module, "support_avx512bf16_for_cpu", False):
