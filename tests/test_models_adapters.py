@@ -106,6 +106,24 @@ def test_qlora4_adapter_reloads(tmp_path: Path):
     torch.testing.assert_close(logits(model), trained, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("purpose", ["train", "chat"])
+def test_an_evaluation_leaves_4bit_weights_as_loaded(tmp_path: Path, purpose: str):
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place at an eval-mode, no-grad forward
+    (block scales rounded to bf16): loraforge's loader keeps the loaded layout, so an evaluation or a chat turn
+    leaves every base weight bit-identical (and later dequantizations, merges and the fast path read it right)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from loraforge.kernels.lora import dequantize_weight
+
+    cfg = cfg_for(tmp_path, purpose=purpose, quantization_bit=4)
+    model = load_model(cfg, tokenizer_for(cfg), is_trainable=purpose == "train")
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    before = [dequantize_weight(m, torch.float32).clone() for m in layers]
+    logits(model)  # eval mode, no gradients
+    for m, w in zip(layers, before):
+        assert torch.equal(dequantize_weight(m, torch.float32), w)
+
+
 def test_pissa_adapter_reloads_and_converts_to_plain_lora(tmp_path: Path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -45,10 +45,10 @@ class FinetuningArguments:
         "auto", "FP8 (e4m3) matmuls for the frozen base weights on the fast path (Hopper GPUs or newer), with "
         "per-token scales: `backward` runs in FP8 what backward computes with them (each LoRA projection's "
         "input-gradient GEMM, and the forward GEMMs of a checkpointed layer replayed for its backward), while the "
-        "forward pass and the loss stay 16-bit (the loss within 0.1% of 16-bit); `true` the forward pass's GEMMs too "
-        "(the loss runs ~1% higher on real weights), `false` none. `auto` is `backward` where it can run (the fast path, bf16, "
-        "a GPU of compute capability 9.0+) and `false` elsewhere. Adapters, norms, attention, the loss and "
-        "evaluation stay 16-bit.")
+        "forward pass and the loss stay 16-bit (the loss within 0.1% of 16-bit); `true` the forward pass's GEMMs "
+        "too (the loss runs ~1% higher on real weights), `false` none. `auto` is `backward` where it can run (the "
+        "fast path, bf16, a GPU of compute capability 9.0+) and `false` elsewhere. Adapters, norms, attention, the "
+        "loss and evaluation stay 16-bit.")
     # how the samples of one optimizer step are run
     micro_batch_tokens: Union[int, bool, str] = arg(
         "auto", "Token-budget batching: the per_device_train_batch_size x gradient_accumulation_steps samples of "

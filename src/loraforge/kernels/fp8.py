@@ -2,7 +2,8 @@
 
 Only the two GEMMs that involve the frozen base weight run in FP8: the forward ``x W^T`` and the input gradient
 ``dY W``. ``fp8: backward`` (what ``auto`` picks on Hopper) keeps the forward pass 16-bit and runs in FP8 only what
-backward computes: the input gradients, and the forward GEMMs of a checkpointed layer replayed for its backward. The adapters, norms, attention, the loss and every gradient that trains something stay in 16 bits.
+backward computes: the input gradients, and the forward GEMMs of a checkpointed layer replayed for its backward.
+The adapters, norms, attention, the loss and every gradient that trains something stay in 16 bits.
 
 - Activations (``x``, ``dY``) are scaled per row (per token): ``scale = amax(row) / 448``.
 - The frozen weight has one scale, from its largest magnitude, measured once. The 4/8-bit weight is dequantized

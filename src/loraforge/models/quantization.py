@@ -112,7 +112,6 @@ def prepare_for_kbit_training(model: Any, *, gradient_checkpointing: bool, use_r
     """
     for param in model.parameters():
         param.requires_grad_(False)
-    keep_loaded_layout(model)
     if upcast:  # the fast path's fused RMSNorm computes in fp32 internally and keeps the weights 16-bit
         upcast_norms(model)
     if gradient_checkpointing:
@@ -121,7 +120,7 @@ def prepare_for_kbit_training(model: Any, *, gradient_checkpointing: bool, use_r
 
 
 def keep_loaded_layout(model: Any) -> int:
-    """Keep every 4-bit weight in the layout it was loaded in (every loraforge load, and k-bit training).
+    """Keep every 4-bit weight in the layout it was loaded in (``load_model`` calls it on every model).
 
     On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place for its bf16 CPU kernel the first time
     the layer runs in eval mode on an input without gradients (an evaluation between training steps, a chat

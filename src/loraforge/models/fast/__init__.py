@@ -69,7 +69,8 @@ class FastPath:
             return f"fast path: off ({self.plan.reason}){loss}"
         parts = ", ".join(f"{n} {k}" for k, n in self.swapped.items())
         ckpt = f"; {self.offloaded} checkpointed layers keep their inputs in host memory" if self.offloaded else ""
-        fp8 = {True: "; FP8 base-weight matmuls", "backward": "; FP8 base-weight matmuls in backward (input gradients, replayed layers)"
+        fp8 = {True: "; FP8 base-weight matmuls",
+               "backward": "; FP8 base-weight matmuls in backward (input gradients, replayed layers)",
                }.get(self.plan.fp8, "")
         if fp8 and self.plan.fp8_auto:
             fp8 += " (fp8: auto; `fp8: false` keeps them 16-bit)"

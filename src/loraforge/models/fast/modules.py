@@ -64,8 +64,8 @@ def project(layer: nn.Module, x: torch.Tensor, fp8: bool | str = False, unused_o
     if parts is None:
         return layer(x)
     base, a, b, scaling, dropout = parts
-    return lora_linear(x, base, a, b, scaling, dropout if _active(dropout) else None, fp8=fp8 if layer.training else False,
-                       unused_output=unused_output, keep_weight=recomputing())
+    return lora_linear(x, base, a, b, scaling, dropout if _active(dropout) else None,
+                       fp8=fp8 if layer.training else False, unused_output=unused_output, keep_weight=recomputing())
 
 
 #: whether projections that read the same input (q/k/v, gate/up) run as one group (the benchmarks' A/B switch)
